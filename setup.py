@@ -1,0 +1,41 @@
+"""Installs the ``twinflow`` package.
+
+The top-level ``kernels/`` folder installs as ``twinflow.kernels``: Hugging Face's ``kernels``
+distribution (used by diffusers for hub attention backends) owns the top-level module name
+``kernels``, so ours must never be importable under that name.
+"""
+from setuptools import find_packages, setup
+
+_kernel_packages = ["twinflow.kernels" + p[len("kernels"):] for p in find_packages(include=["kernels", "kernels.*"])]
+
+setup(
+    name="twinflow",
+    version="0.1.0",
+    description="Kernel-augmented TwinFlow trainer for any-step image generators",
+    python_requires=">=3.10",
+    packages=find_packages(include=["twinflow", "twinflow.*"]) + _kernel_packages,
+    package_dir={"twinflow.kernels": "kernels"},
+    include_package_data=True,
+    package_data={"twinflow": ["demo/assets/*"]},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0",
+        "diffusers>=0.36",
+        "transformers>=4.51",
+        "peft>=0.17",
+        "deepspeed>=0.16",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "tqdm",
+        "numpy",
+        "pillow",
+        "pyarrow",
+        "tensorboard",
+        "matplotlib",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-benchmark>=4"],
+        "flash": ["flash-attn>=2.6"],
+    },
+    entry_points={"console_scripts": ["twinflow=twinflow.cli:main"]},
+)
