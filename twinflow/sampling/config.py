@@ -72,11 +72,12 @@ class SamplerConfig:
     sampling_order: int = 1
     stochast_ratio: Union[float, Literal["SDE"]] = 1.0
     extrapol_ratio: float = 0.0
-    time_dist_ctrl: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    rfba_gap_steps: tuple[float, float] = (0.001, 0.6)
+    # Variable-length tuple types: the lengths are checked in __post_init__ with a message naming the key.
+    time_dist_ctrl: tuple[float, ...] = (1.0, 1.0, 1.0)
+    rfba_gap_steps: tuple[float, ...] = (0.001, 0.6)
     sampling_style: SamplingStyle = "few"
     cfg_scale: float = 0.0
-    cfg_interval: tuple[float, float] = (0.0, 1.0)
+    cfg_interval: tuple[float, ...] = (0.0, 1.0)
 
     def __post_init__(self) -> None:
         steps = self.sampling_steps

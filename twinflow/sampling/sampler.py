@@ -67,7 +67,7 @@ def _check_condition_batch(name: str, cond: Any, batch: int) -> None:
     elif isinstance(cond, (list, tuple)):
         for i, part in enumerate(cond):
             _check_condition_batch(f"{name}[{i}]", part, batch)
-    elif cond is not None and hasattr(cond, "__len__") and len(cond) != batch:
+    elif hasattr(cond, "index") and hasattr(cond, "__len__") and len(cond) != batch:
         raise ValueError(f"{name} holds {len(cond)} rows; it must hold one per noise row ({batch})")
 
 
@@ -168,7 +168,7 @@ def sample(
             if i >= 2:  # the reference extrapolates from the third step on, against the previous raw estimate
                 x_hat = x_hat + eps * (x_hat - prev_x_hat)
                 z_hat = z_hat + eps * (z_hat - prev_z_hat)
-            prev_x_hat, prev_z_hat = raw_x_hat, raw_z_hat
+            prev_x_hat, prev_z_hat = x_hat, z_hat
 
         rho = noise_ratio(config.stochast_ratio, t_cur, t_next)
         if rho > 0 and t_next > 0:

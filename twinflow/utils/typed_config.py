@@ -34,14 +34,16 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             if type(None) in args:
                 return None
             raise ConfigError(f"config key '{key}': null is not allowed (expected {_type_name(tp)})")
-        errors = []
+        candidates = [a for a in args if a is not type(None)]
+        if len(candidates) == 1:
+            return _convert(value, candidates[0], key)
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _convert(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue
         raise ConfigError(f"config key '{key}': {value!r} matches none of {_type_name(tp)}")
     if origin is Literal:
         if value not in get_args(tp):

@@ -1,0 +1,226 @@
+"""The trainer's typed configuration: one strict dataclass tree loaded from YAML plus ``key=value`` overrides.
+
+``load_train_config(path, overrides)`` is the only entry point the launcher uses. Loading is strict
+(:mod:`twinflow.utils.typed_config`): an unknown or mistyped key raises :class:`ConfigError` naming its
+full dotted path, e.g. ``optim.lr``. Cross-section checks (a micro batch too small for the method's batch
+split, an EMA teacher combined with ZeRO-3 settings that would defeat it) run in
+:meth:`TrainConfig.__post_init__`, so a bad run fails when it is configured, before any rank starts work.
+
+Sections:
+
+* ``model``: the Qwen-Image backbone (:class:`QwenImageBackboneConfig`).
+* ``method``: the TwinFlow objective (:class:`TwinFlowConfig`, with presets).
+* ``data``: the data pipeline (:class:`DataConfig`).
+* ``optim``: AdamW and the learning-rate schedule.
+* ``train``: loop length, batch, seeding, checkpoint cadence, resume, non-finite step policy.
+* ``deepspeed``: ZeRO stage, precision, offload, plus a raw ``extra`` dict merged into the DeepSpeed JSON.
+* ``sampling``: the sample grids the run logger renders every ``train.sample_every`` steps.
+* ``kernels``: ``triton`` | ``eager`` | ``auto``, the single switch propagated to the objective, the
+  backbone and the EMA update.
+* ``faults``: test hooks that make a run fail on purpose (all off by default).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from twinflow.backbones.qwen_image.config import QwenImageBackboneConfig
+from twinflow.data import DataConfig
+from twinflow.method.config import TwinFlowConfig
+from twinflow.method.groups import split_batch
+from twinflow.sampling.config import SAMPLER_PRESETS
+from twinflow.utils.typed_config import ConfigError, load_config
+
+KernelChoice = Literal["triton", "eager", "auto"]
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (run by DeepSpeed; ``torch_adam`` on CPU) and a warmup + decay learning-rate schedule.
+
+    ``schedule``: after ``warmup_steps`` of linear warmup from 0, the rate stays at ``lr`` (constant),
+    falls linearly to ``min_lr_ratio * lr`` at ``train.max_steps`` (linear), or follows a half cosine to
+    the same floor (cosine). ``max_grad_norm <= 0`` turns clipping off. One optimizer step consumes
+    ``gradient_accumulation_steps`` micro batches per rank.
+    """
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    gradient_accumulation_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"config key 'optim.lr' must be > 0, got {self.lr}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"config key 'optim.betas' must lie in [0, 1), got {list(self.betas)}")
+        if self.eps <= 0:
+            raise ConfigError(f"config key 'optim.eps' must be > 0, got {self.eps}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"config key 'optim.weight_decay' must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"config key 'optim.warmup_steps' must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"config key 'optim.min_lr_ratio' must lie in [0, 1], got {self.min_lr_ratio}")
+        if self.gradient_accumulation_steps < 1:
+            raise ConfigError(
+                f"config key 'optim.gradient_accumulation_steps' must be >= 1, got {self.gradient_accumulation_steps}"
+            )
+
+
+@dataclass
+class RunConfig:
+    """The ``train`` section: how long, how big, where to write and when.
+
+    ``resume``: ``auto`` continues from ``output_dir``'s latest complete checkpoint if there is one,
+    ``none`` always starts fresh (and refuses an ``output_dir`` that already holds checkpoints, so a run
+    never overwrites another one's), any other value is a checkpoint directory to continue from.
+    ``save_every``/``log_every``/``sample_every`` count optimizer steps; 0 turns periodic saving or
+    sampling off (a final checkpoint is still written when ``save_final`` is true).
+    """
+
+    micro_batch_size: int = 4
+    max_steps: int = 1000
+    seed: int = 0
+    output_dir: str = "runs/twinflow"
+    save_every: int = 500
+    save_final: bool = True
+    keep_last: int = 3
+    log_every: int = 10
+    sample_every: int = 0
+    max_consecutive_nonfinite: int = 5
+    resume: str = "auto"
+
+    def __post_init__(self) -> None:
+        for key in ("micro_batch_size", "max_steps", "keep_last", "log_every", "max_consecutive_nonfinite"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key 'train.{key}' must be >= 1, got {getattr(self, key)}")
+        for key in ("save_every", "sample_every", "seed"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"config key 'train.{key}' must be >= 0, got {getattr(self, key)}")
+        if not self.output_dir:
+            raise ConfigError("config key 'train.output_dir' must not be empty")
+        if not self.resume:
+            raise ConfigError("config key 'train.resume' must be 'auto', 'none' or a checkpoint directory")
+
+
+@dataclass
+class DeepSpeedSection:
+    """DeepSpeed settings the trainer turns into a DeepSpeed config (see ``deepspeed_config.py``).
+
+    ``zero_stage`` 0 runs plain data parallel; 3 partitions parameters, gradients and optimizer state
+    (the model is built under ``deepspeed.zero.Init``) and the teacher EMA is kept as shards
+    (``zero_ema.py``). ``bf16`` trains with bf16 parameters and fp32 master weights; off means fp32
+    throughout (CPU tests). ``extra`` is merged last into the generated JSON for settings this section
+    does not name (e.g. ``zero_optimization.stage3_prefetch_bucket_size``); keys the trainer owns
+    (batch sizes, optimizer, scheduler, clipping) are refused there with an error naming them.
+    """
+
+    zero_stage: int = 3
+    bf16: bool = True
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"config key 'deepspeed.zero_stage' must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.offload_param and self.zero_stage != 3:
+            raise ConfigError("config key 'deepspeed.offload_param' needs deepspeed.zero_stage=3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("config key 'deepspeed.offload_optimizer' needs deepspeed.zero_stage >= 1")
+
+
+@dataclass
+class SamplingSection:
+    """Sample grids rendered during training: every prompt at every preset of ``presets``.
+
+    ``presets`` name :data:`twinflow.sampling.config.SAMPLER_PRESETS` entries; the default covers 1, 2,
+    4 and 30 NFE. ``height``/``width`` are in pixels (the latent is 8x smaller). ``seed`` fixes the noise
+    so grids of different steps are comparable.
+    """
+
+    prompts: list[str] = field(default_factory=lambda: ["a photo of a red cat sitting on a blue mat"])
+    presets: list[str] = field(default_factory=lambda: ["one_step", "few_step", "any_step", "multi_step"])
+    seed: int = 0
+    height: int = 512
+    width: int = 512
+
+    def __post_init__(self) -> None:
+        for i, name in enumerate(self.presets):
+            if name not in SAMPLER_PRESETS:
+                raise ConfigError(
+                    f"config key 'sampling.presets[{i}]': unknown preset {name!r}; choose from {sorted(SAMPLER_PRESETS)}"
+                )
+        for key in ("height", "width"):
+            if getattr(self, key) < 16 or getattr(self, key) % 16:
+                raise ConfigError(f"config key 'sampling.{key}' must be a positive multiple of 16, got {getattr(self, key)}")
+
+
+@dataclass
+class FaultConfig:
+    """Test hooks that break a run on purpose, to prove the failure paths. All off by default.
+
+    * ``nonfinite_loss_steps``: optimizer steps (1-based, counted over attempted steps) whose loss is
+      replaced by NaN on every rank, to exercise skip-and-count and the consecutive limit.
+    * ``kill_at_step`` / ``kill_rank``: that rank exits abruptly (``os._exit``) right after that step.
+    * ``crash_in_save_at_step``: the save at that step exits abruptly after writing part of its files.
+    """
+
+    nonfinite_loss_steps: list[int] = field(default_factory=list)
+    kill_at_step: Optional[int] = None
+    kill_rank: int = 0
+    crash_in_save_at_step: Optional[int] = None
+
+
+@dataclass
+class TrainConfig:
+    """The whole run. See the module docstring for the sections."""
+
+    model: QwenImageBackboneConfig = field(default_factory=QwenImageBackboneConfig)
+    method: TwinFlowConfig = field(default_factory=TwinFlowConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: RunConfig = field(default_factory=RunConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+    kernels: KernelChoice = "auto"
+    faults: FaultConfig = field(default_factory=FaultConfig)
+
+    def __post_init__(self) -> None:
+        self._propagate_kernels()
+        self._check_batch_split()
+
+    def _propagate_kernels(self) -> None:
+        """``kernels`` is the one switch: the objective and the EMA use it as given; the backbone's
+        dual-time embedding has no ``auto`` and resolves it when the model is built."""
+        if self.method.kernels != self.kernels:
+            self.method = dataclasses.replace(self.method, kernels=self.kernels)
+
+    def _check_batch_split(self) -> None:
+        try:
+            split_batch(self.train.micro_batch_size, self.method.probs.as_dict())
+        except ValueError as e:
+            active = [g for g, w in self.method.probs.as_dict().items() if w > 0]
+            raise ConfigError(
+                f"config key 'train.micro_batch_size' = {self.train.micro_batch_size} is smaller than the "
+                f"{len(active)} active method groups {active} (method.probs); every active group needs at "
+                f"least one sample per micro batch: {e}"
+            ) from e
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.train.output_dir)
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Strictly load a :class:`TrainConfig` from YAML ``path`` with ``key.path=value`` overrides."""
+    return load_config(TrainConfig, path, overrides)
