@@ -402,6 +402,30 @@ def _tiles(batch: int, width: int, channels: int) -> _Tiles:
     return _Tiles(b=_block(batch, 64), n=_block(width, 64), c=_block(channels, 64))
 
 
+def _launch_sinusoid(kernels: _Kernels, t: torch.Tensor, tt: torch.Tensor, proj: torch.Tensor) -> None:
+    """Fill ``proj`` (2, B, C) with the sinusoids of ``t`` and ``tt`` in one launch."""
+    batch, half = t.shape[0], proj.shape[2] // 2
+    block_b = _block(batch, 64)
+    kernels.sinusoid[(triton.cdiv(batch, block_b), 2)](
+        t, tt, t.stride(0), tt.stride(0), _frequency_table(half, t.device), proj, batch,
+        HALF=half, SCALE=SINUSOID_SCALE, BLOCK_B=block_b, BLOCK_H=triton.next_power_of_2(half))
+
+
+def timestep_sinusoid_pair_triton(t: torch.Tensor, tt: torch.Tensor, channels: int = 256,
+                                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Kernel (a) alone: ``stack([timestep_sinusoid(t), timestep_sinusoid(tt)]).to(dtype)``, shape
+    (2, B, channels), from one launch (used by the forward; exposed to test it in isolation)."""
+    if t.dim() != 1 or t.shape != tt.shape or t.numel() == 0 or channels <= 0 or channels % 2:
+        raise ValueError(f"need 1-D t, tt of one non-empty shape and an even channel count; got "
+                         f"{tuple(t.shape)}, {tuple(tt.shape)}, channels={channels}")
+    use_triton(t, tt, backend="triton")
+    if t.dtype != tt.dtype:
+        t, tt = t.float(), tt.float()
+    proj = torch.empty((2, t.shape[0], channels), dtype=dtype, device=t.device)
+    _launch_sinusoid(_kernels(interpreter_enabled()), t, tt, proj)
+    return proj
+
+
 # --------------------------------------------------------------------------------------------------
 # Autograd function
 # --------------------------------------------------------------------------------------------------
@@ -429,13 +453,10 @@ class _DualTimeEmbeddingFn(torch.autograd.Function):
         h = torch.empty((2, batch, width), dtype=dtype, device=dev)
         pre = torch.empty((2, batch, width), dtype=dtype, device=dev) if needs_grad else h
         out = torch.empty((batch, width), dtype=dtype, device=dev)
-        half = channels // 2
         rows = triton.cdiv(batch, tiles.b)
         cols = triton.cdiv(width, tiles.n)
 
-        kernels.sinusoid[(rows, 2)](
-            t, tt, t.stride(0), tt.stride(0), _frequency_table(half, dev), proj, batch,
-            HALF=half, SCALE=SINUSOID_SCALE, BLOCK_B=tiles.b, BLOCK_H=triton.next_power_of_2(half))
+        _launch_sinusoid(kernels, t, tt, proj)
         kernels.linear1_silu[(rows, cols, 2)](
             proj, w1_1, w1_2, b1_1, b1_2, pre, h, batch, width, channels,
             STORE_PRE=needs_grad, BLOCK_B=tiles.b, BLOCK_N=tiles.n, BLOCK_K=tiles.c)
@@ -507,14 +528,13 @@ def dual_time_embedding_triton(t: torch.Tensor, tt: torch.Tensor,
 
 def embedder_weights(embed: nn.Module, name: str = "embedder") -> tuple[torch.Tensor, ...]:
     """``(w1, b1, w2, b2)`` of a ``QwenTimestepProjEmbeddings``, after checking that it is the
-    configuration the fused path implements (clear error naming ``name`` otherwise)."""
+    configuration the fused path implements (clear error naming ``name`` otherwise). Only the timestep
+    part is read: an ``addition_t_embedding`` (``use_additional_t_cond``) is the caller's to add."""
     proj = getattr(embed, "time_proj", None)
     emb = getattr(embed, "timestep_embedder", None)
     if proj is None or emb is None:
         raise TypeError(f"{name} must be a QwenTimestepProjEmbeddings (time_proj + timestep_embedder), "
                         f"got {type(embed).__name__}")
-    if getattr(embed, "use_additional_t_cond", False):
-        raise ValueError(f"{name} uses additional_t_cond, which the dual-time embedding does not support")
     lin1, lin2 = getattr(emb, "linear_1", None), getattr(emb, "linear_2", None)
     for lname, lin in (("linear_1", lin1), ("linear_2", lin2)):
         if not isinstance(lin, nn.Linear) or hasattr(lin, "base_layer"):

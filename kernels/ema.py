@@ -46,7 +46,7 @@ import triton.language as tl
 
 from twinflow.method.ema_schedule import EMADecaySchedule
 
-from ._common import BACKENDS, KernelBackendError, use_triton
+from ._common import BACKENDS, KernelBackendError, interpreter_enabled, use_triton
 
 __all__ = ["ema_update_", "ema_update_reference_", "MultiTensorEMA"]
 
@@ -73,7 +73,8 @@ _ALIGN_BYTES = 16
 # --------------------------------------------------------------------------------------------------
 @triton.jit
 def _typed_pointer(addr, KIND: tl.constexpr):
-    """Turns an int64 address into a pointer for dtype code ``KIND`` (bfloat16 is read as raw bits)."""
+    """Turns an int64 address into a pointer for dtype code ``KIND`` (bfloat16 is read as raw bits).
+    A missing shadow (``KIND`` -1, address 0) gets a pointer that is never dereferenced."""
     if KIND == 0:
         ptr = addr.to(tl.pointer_type(tl.float32))
     elif KIND == 1:
@@ -301,9 +302,7 @@ def _cached_groups(
     chunk: int,
 ) -> list[_Group]:
     """The chunk tables for these tensors, rebuilt only when an address, size or dtype changed."""
-    shadow_key = (
-        tuple((t.data_ptr(), t.dtype) for t in shadows) if shadows is not None else None
-    )
+    shadow_key = tuple((t.data_ptr(), t.dtype) for t in shadows) if shadows is not None else None
     key = (
         emas[0].device,
         element_range,
@@ -428,7 +427,17 @@ def _dispatch(
 ) -> None:
     if not emas:
         return
-    if use_triton(emas[0], backend=backend):
+    run_triton = use_triton(emas[0], backend=backend)
+    if run_triton and emas[0].device.type != "cpu" and interpreter_enabled():
+        # The interpreter runs on host copies of tensor arguments; the chunk table's raw device
+        # addresses would be dereferenced on the host.
+        if backend == "triton":
+            raise KernelBackendError(
+                "backend='triton' cannot run the EMA kernel on CUDA tensors under TRITON_INTERPRET=1 "
+                "(its address table holds device pointers); unset TRITON_INTERPRET"
+            )
+        run_triton = False
+    if run_triton:
         _ema_update_triton(emas, srcs, shadows, decay)
     else:
         _ema_update_eager(emas, srcs, shadows, decay)

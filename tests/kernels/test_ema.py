@@ -1,7 +1,8 @@
 """Multi-tensor EMA kernel (kernels/ema.py) against its eager reference and float64 truth.
 
 The kernel and the reference evaluate the same float32 formula with the same roundings, so they are
-compared bit for bit; float64 truth bounds the error of that formula itself.
+compared bit for bit; float64 truth bounds the error of that formula itself. The ``device`` fixture
+(tests/kernels/conftest.py) runs each test through Triton's interpreter on CPU and on CUDA when present.
 """
 from __future__ import annotations
 
@@ -15,12 +16,15 @@ from twinflow.kernels._common import KernelBackendError
 from twinflow.kernels.ema import MultiTensorEMA, ema_update_, ema_update_reference_
 from twinflow.method.ema_schedule import EMADecaySchedule
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 SRC_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHADOW_DTYPES = [None, torch.bfloat16, torch.float16, torch.float32]
 # Decays reaching every kernel mode: copy (0), src + (1-w)(ema-src) (w >= 0.5), ema + w(src-ema), keep.
 DECAYS = [0.0, 0.3, 0.5, 0.8, 1.0]
 U32 = 2.0**-24  # float32 unit roundoff
+def dtype_id(dtype) -> str:
+    return "none" if dtype is None else str(dtype).removeprefix("torch.")
+
+
 _BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
@@ -57,9 +61,8 @@ def launches(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shadow_dtype", SHADOW_DTYPES)
-@pytest.mark.parametrize("src_dtype", SRC_DTYPES)
+@pytest.mark.parametrize("shadow_dtype", SHADOW_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("src_dtype", SRC_DTYPES, ids=dtype_id)
 def test_kernel_matches_reference_and_float64_truth(device, src_dtype, shadow_dtype, launches):
     shapes = mixed_shapes()
     ema = [randn(s, device=device, seed=i) for i, s in enumerate(shapes)]
@@ -84,7 +87,6 @@ def test_kernel_matches_reference_and_float64_truth(device, src_dtype, shadow_dt
     assert launches == [launches[0]] * len(DECAYS), "one launch per update for a single dtype group"
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_two_hundred_tensors_take_one_launch(device, launches):
     g = torch.Generator().manual_seed(3)
     shapes = [(int(n),) for n in torch.randint(1, 600, (200,), generator=g)]
@@ -100,7 +102,6 @@ def test_two_hundred_tensors_take_one_launch(device, launches):
         assert_bitwise_equal(shadow[i], ref_shadow[i], f"shadow[{i}]")
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("count", [1, 6, 60])
 def test_launch_count_depends_on_dtype_groups_not_tensor_count(device, count, launches):
     dtypes = [SRC_DTYPES[i % 3] for i in range(count)]
@@ -110,7 +111,6 @@ def test_launch_count_depends_on_dtype_groups_not_tensor_count(device, count, la
     assert len(launches) == len(set(dtypes))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("chunk", [48, 50, ema_mod.CHUNK])
 def test_flat_partition_spanning_many_chunks(device, chunk, launches):
     """A ZeRO-3 shard: one flat fp32 EMA beside one flat bf16 partition, split over several rows."""
@@ -123,7 +123,6 @@ def test_flat_partition_spanning_many_chunks(device, chunk, launches):
     assert_bitwise_equal(ema, ref, "flat shard")
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("aligned", [True, False])
 def test_views_leave_guard_regions_untouched(device, aligned):
     """EMA, source and shadow are views into larger buffers; the guards between them keep their poison.
@@ -160,8 +159,7 @@ def special_values(dtype: torch.dtype) -> torch.Tensor:
     return torch.cat([fixed, torch.randn(37, generator=torch.Generator().manual_seed(8))]).to(dtype)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("src_dtype", SRC_DTYPES)
+@pytest.mark.parametrize("src_dtype", SRC_DTYPES, ids=dtype_id)
 def test_first_update_copies_the_source_exactly(device, src_dtype):
     """d = 0: the EMA (even NaN-poisoned, as from torch.empty) becomes the source, bit for bit."""
     src = [special_values(src_dtype).to(device), randn((3, 7), src_dtype, device, seed=9)]
@@ -174,7 +172,6 @@ def test_first_update_copies_the_source_exactly(device, src_dtype):
         assert_bitwise_equal(shadow[i], s, f"shadow[{i}]")
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["triton", "eager"])
 def test_schedule_sequence_matches_hand_computation(device, backend):
     # d_{k+1} = d_k + (1 - d_k)(0.9 - d_k)/2 from d_0 = 0, worked by hand.
@@ -198,7 +195,6 @@ def test_schedule_sequence_matches_hand_computation(device, backend):
         MultiTensorEMA(ema, EMADecaySchedule(0.5)).load_state_dict(state)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_agrees_with_torch_foreach_lerp(device):
     """Same weight as torch._foreach_lerp_(ema, src, 1 - d); torch may fuse to FMA, so allow 1 ulp,
     and demand exactness at the ends (d = 0 and d = 1)."""
@@ -217,7 +213,6 @@ def test_agrees_with_torch_foreach_lerp(device):
                 assert ((e - expected).abs() <= 2 * U32 * scale[i]).all(), f"ema[{i}] at decay {decay}"
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_offsets_past_two_to_the_31_use_int64(device):
     """Only the tail of 2**31 + 4103-element tensors is touched: CPU pages are reserved lazily, so
     this needs little real memory; the launcher processes just the element range around 2**31."""
@@ -240,7 +235,6 @@ def test_offsets_past_two_to_the_31_use_int64(device):
     assert_bitwise_equal(shadow[lo - 64:], expected_shadow, "shadow tail past 2**31")
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_chunk_tables_are_cached_and_rebuilt_when_tensors_change(device, monkeypatch):
     builds = []
     real = ema_mod._build_groups

@@ -149,23 +149,28 @@ def test_guidance_interval_applies_to_corrector_calls_with_their_own_time():
 
 def test_extrapolation_acts_from_the_third_step_against_the_previous_raw_estimate(exact_velocity):
     m = exact_velocity
-    noise = torch.randn(5, m.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    base = dict(sampling_steps=4, rfba_gap_steps=[0.0, 0.0], sampling_style="mul", stochast_ratio=0.0)  # grid 1, .75, .5, .25, 0
+    rows, eps = 5, 0.5
+    noise = torch.randn(rows, m.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    base = dict(sampling_steps=5, rfba_gap_steps=[0.0, 0.0], sampling_style="mul", stochast_ratio=0.0)  # 1, .8, .6, .4, .2, 0
     plain = sample(m, noise, config=config(**base)).intermediates
     m.calls.clear()
-    eps = 0.5
     extra = sample(m, noise, config=config(**base, extrapol_ratio=eps)).intermediates
     for k in range(3):
         assert torch.equal(plain[k], extra[k])
     assert (plain[3] - extra[3]).abs().max() > 1e-3
 
-    # The 4th call's input is the re-noised extrapolation of the 3rd step against the 2nd.
-    (x1, t1), (x2, t2), (x3, t3) = [(c.x, c.t[0].item()) for c in m.calls[1:4]]
-    v1, v2 = m.velocity(x1, torch.full((5,), t1, dtype=torch.float64)), m.velocity(x2, torch.full((5,), t2, dtype=torch.float64))
-    x_hat1, z_hat1 = x1 - t1 * v1, x1 + (1 - t1) * v1
-    x_hat2, z_hat2 = x2 - t2 * v2, x2 + (1 - t2) * v2
-    x_hat, z_hat = x_hat2 + eps * (x_hat2 - x_hat1), z_hat2 + eps * (z_hat2 - z_hat1)
-    torch.testing.assert_close(x3, (1 - t3) * x_hat + t3 * z_hat, rtol=0, atol=1e-12)
+    # Each later call's input is the re-noised extrapolation of the previous step's raw estimates
+    # against the raw estimates of the step before.
+    raw = []
+    for call in m.calls:
+        t = call.t[0].item()
+        v = m.velocity(call.x, call.t)
+        raw.append((call.x - t * v, call.x + (1 - t) * v))
+    for k in (3, 4):
+        (x_prev, z_prev), (x_cur, z_cur) = raw[k - 2], raw[k - 1]
+        t_k = m.calls[k].t[0].item()
+        x_hat, z_hat = x_cur + eps * (x_cur - x_prev), z_cur + eps * (z_cur - z_prev)
+        torch.testing.assert_close(m.calls[k].x, (1 - t_k) * x_hat + t_k * z_hat, rtol=0, atol=1e-12)
 
 
 def test_extrapolation_on_the_last_step_does_not_change_the_returned_estimate(exact_velocity):
@@ -208,6 +213,18 @@ def test_bfloat16_noise_gives_bfloat16_inputs_float32_times_and_bfloat16_outputs
     assert exact_velocity.calls[0].t[0].item() == pytest.approx(float(cfg.time_grid()[0]), abs=1e-7)  # not rounded to bf16
 
 
+def test_bfloat16_sampling_accumulates_in_float32(exact_velocity):
+    """The state is kept in float32 across steps, so 30 bf16 steps end within bf16 rounding of the
+    float64 result (a bf16 state would accumulate a rounding error per step)."""
+    noise = torch.randn(2000, exact_velocity.dim, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    cfg = SamplerConfig.preset("multi_step")
+    reference = sample(exact_velocity, noise.double(), config=cfg).sample
+    out = sample(exact_velocity, noise, config=cfg).sample.double()
+    rounding = (reference.to(torch.bfloat16).double() - reference).abs()
+    err = (out - reference).abs()
+    assert err.max() <= 1.5 * rounding.max() and err.mean() <= 1.5 * rounding.mean(), (err.max(), rounding.max(), err.mean(), rounding.mean())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "settings",
@@ -223,6 +240,39 @@ def test_sde_mode_stays_finite(exact_average, dtype, settings):
     noise = torch.randn(8, exact_average.dim).to(dtype)
     result = sample(exact_average, noise, config=config(stochast_ratio="SDE", **settings), generator=torch.Generator().manual_seed(0))
     assert all(torch.isfinite(x.float()).all() for x in result.intermediates)
+
+
+def test_partial_noise_ratio_mixes_noise_estimate_and_fresh_noise_by_square_roots(exact_average):
+    """Grid [1, 0.5, 0], rho = 0.36: the second call's input is
+    x_1 = 0.5 x_hat + 0.5 (0.8 z_hat + 0.6 n), with x_hat = mu + Sigma^(1/2) z exact and z_hat = z, so
+    x_1 has mean 0.5 mu and covariance (0.5 Sigma^(1/2) + 0.4 I)^2 + 0.09 I (Monte Carlo check)."""
+    m = exact_average
+    n = 50_000
+    gen = torch.Generator().manual_seed(7)
+    noise = torch.randn(n, m.dim, dtype=torch.float64, generator=gen)
+    cfg = config(sampling_steps=2, rfba_gap_steps=[0.0, 0.5], sampling_style="few", stochast_ratio=0.36)
+    sample(m, noise, config=cfg, generator=gen)
+    x1 = m.calls[1].x
+    eye = torch.eye(m.dim, dtype=torch.float64)
+    mix = 0.5 * m.sigma_sqrt + 0.4 * eye
+    cov = mix @ mix + 0.09 * eye
+    diag = torch.diag(cov)
+    tol = 6 * torch.sqrt((diag[:, None] * diag[None, :] + cov**2) / n)
+    assert ((x1.mean(0) - 0.5 * m.mu).abs() < 6 * torch.sqrt(diag / n)).all()
+    assert ((torch.cov(x1.T) - cov).abs() < tol).all(), (torch.cov(x1.T), cov)
+
+
+def test_sde_ratio_follows_the_grid(exact_average):
+    """Grid [1, 0.5, 0]: rho_0 = clamp(0.5 * 2 * 1 / 0.25) = 1, so SDE equals rho = 1 draw for draw;
+    grid [1, .75, .5, .25, 0]: rho_0 = 0.25 * 2 / 0.5625 < 1, so SDE differs from rho = 1."""
+    noise = torch.randn(4, exact_average.dim, dtype=torch.float64)
+
+    def run(steps: int, rho) -> torch.Tensor:
+        cfg = config(sampling_steps=steps, rfba_gap_steps=[0.0, 0.0], sampling_style="any", stochast_ratio=rho)
+        return sample(exact_average, noise, config=cfg, generator=torch.Generator().manual_seed(5)).sample
+
+    assert torch.equal(run(2, "SDE"), run(2, 1.0))
+    assert (run(4, "SDE") - run(4, 1.0)).abs().max() > 1e-3
 
 
 def test_keep_intermediates_false_keeps_only_the_sample(exact_average):

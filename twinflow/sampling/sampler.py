@@ -17,6 +17,12 @@ convention, where the test sits in the network's forward and therefore applies t
 order-2 corrector included, with that call's own t), the conditional and unconditional rows run as ONE
 batched forward of ``2B`` rows and the velocity is ``F_u + cfg_scale * (F_c - F_u)``. Outside the
 interval only the conditional rows run.
+
+Relation to the reference code (same results unless noted): its order-2 corrector call has no target
+time and crashes (here: ``tt = t_next``, ALGORITHM.md's [deviation]); with ``g1 = 0`` it also runs the
+corrector on the last step, whose result it then discards (here: skipped, one call fewer, same
+output); in ``"SDE"`` mode it overwrites the ratio setting with the first step's value, so later steps
+reuse it (here: ``rho_i`` per step, as §4 specifies).
 """
 from __future__ import annotations
 
@@ -63,7 +69,9 @@ def _check_condition_batch(name: str, cond: Any, batch: int) -> None:
     """Catch the common mistake of a tensor condition whose batch differs from the noise's."""
     if isinstance(cond, torch.Tensor):
         if cond.dim() == 0 or cond.shape[0] != batch:
-            raise ValueError(f"{name} has shape {tuple(cond.shape)}; its first dimension must equal the noise batch {batch}")
+            raise ValueError(
+                f"{name} has shape {tuple(cond.shape)}; its first dimension must equal the noise batch {batch}"
+            )
     elif isinstance(cond, (list, tuple)):
         for i, part in enumerate(cond):
             _check_condition_batch(f"{name}[{i}]", part, batch)
@@ -101,7 +109,9 @@ class _Velocity:
         out = self.model(x_in, t_in, tt_in, cond)
         if not isinstance(out, torch.Tensor) or out.shape != x_in.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"the backbone returned {got} for an input of shape {tuple(x_in.shape)}; it must return the input's shape")
+            raise ValueError(
+                f"the backbone returned {got} for an input of shape {tuple(x_in.shape)}; it must return the input's shape"
+            )
         self.nfe += 1
         out = out.to(self.state_dtype)
         if not guided:
@@ -133,9 +143,13 @@ def sample(
     """
     if not isinstance(config, SamplerConfig):
         raise TypeError(f"config must be a SamplerConfig, got {type(config).__name__}")
-    if not isinstance(noise, torch.Tensor) or not noise.is_floating_point() or noise.dim() < 1 or noise.shape[0] < 1:
-        desc = f"{noise.dtype} tensor of shape {tuple(noise.shape)}" if isinstance(noise, torch.Tensor) else type(noise).__name__
-        raise ValueError(f"noise must be a floating-point tensor with a non-empty batch dimension first, got {desc}")
+    if not isinstance(noise, torch.Tensor):
+        raise TypeError(f"noise must be a tensor, got {type(noise).__name__}")
+    if not noise.is_floating_point() or noise.dim() < 1 or noise.shape[0] < 1:
+        raise ValueError(
+            "noise must be a floating-point tensor with a non-empty batch dimension first, "
+            f"got a {noise.dtype} tensor of shape {tuple(noise.shape)}"
+        )
     batch = noise.shape[0]
     _check_condition_batch("cond", cond, batch)
     if config.cfg_scale > 0:
@@ -168,7 +182,7 @@ def sample(
             if i >= 2:  # the reference extrapolates from the third step on, against the previous raw estimate
                 x_hat = x_hat + eps * (x_hat - prev_x_hat)
                 z_hat = z_hat + eps * (z_hat - prev_z_hat)
-            prev_x_hat, prev_z_hat = x_hat, z_hat
+            prev_x_hat, prev_z_hat = raw_x_hat, raw_z_hat
 
         rho = noise_ratio(config.stochast_ratio, t_cur, t_next)
         if rho > 0 and t_next > 0:

@@ -10,7 +10,8 @@ Sections:
 
 * ``model``: the Qwen-Image backbone (:class:`QwenImageBackboneConfig`).
 * ``method``: the TwinFlow objective (:class:`TwinFlowConfig`, with presets).
-* ``data``: the data pipeline (:class:`DataConfig`).
+* ``data``: the data pipeline (:class:`DataConfig`; training reads its latent/text cache), or
+  ``synthetic_data`` (:class:`SyntheticDataConfig`, tests and benchmarks): exactly one of the two.
 * ``optim``: AdamW and the learning-rate schedule.
 * ``train``: loop length, batch, seeding, checkpoint cadence, resume, non-finite step policy.
 * ``deepspeed``: ZeRO stage, precision, offload, plus a raw ``extra`` dict merged into the DeepSpeed JSON.
@@ -26,12 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+import torch
+
 from twinflow.backbones.qwen_image.config import QwenImageBackboneConfig
-from twinflow.data import DataConfig
+from twinflow.data.config import DataConfig
 from twinflow.method.config import TwinFlowConfig
 from twinflow.method.groups import split_batch
 from twinflow.sampling.config import SAMPLER_PRESETS
 from twinflow.utils.typed_config import ConfigError, load_config
+
+from .data import SyntheticDataConfig
 
 KernelChoice = Literal["triton", "eager", "auto"]
 
@@ -115,9 +120,10 @@ class RunConfig:
 class DeepSpeedSection:
     """DeepSpeed settings the trainer turns into a DeepSpeed config (see ``deepspeed_config.py``).
 
-    ``zero_stage`` 0 runs plain data parallel; 3 partitions parameters, gradients and optimizer state
-    (the model is built under ``deepspeed.zero.Init``) and the teacher EMA is kept as shards
-    (``zero_ema.py``). ``bf16`` trains with bf16 parameters and fp32 master weights; off means fp32
+    ``zero_stage`` must be 3: parameters, gradients and optimizer state are partitioned (the model is
+    built under ``deepspeed.zero.Init``), the teacher EMA is kept as shards (``zero_ema.py``) and
+    checkpoints store each rank's partitions. ZeRO-3 also runs on a single rank, so small models use the
+    same path; stages 0-2 are not implemented by this trainer. ``bf16`` trains with bf16 parameters and fp32 master weights; off means fp32
     throughout (CPU tests). ``extra`` is merged last into the generated JSON for settings this section
     does not name (e.g. ``zero_optimization.stage3_prefetch_bucket_size``); keys the trainer owns
     (batch sizes, optimizer, scheduler, clipping) are refused there with an error naming them.
@@ -131,12 +137,11 @@ class DeepSpeedSection:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"config key 'deepspeed.zero_stage' must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.offload_param and self.zero_stage != 3:
-            raise ConfigError("config key 'deepspeed.offload_param' needs deepspeed.zero_stage=3")
-        if self.offload_optimizer and self.zero_stage == 0:
-            raise ConfigError("config key 'deepspeed.offload_optimizer' needs deepspeed.zero_stage >= 1")
+        if self.zero_stage != 3:
+            raise ConfigError(
+                f"config key 'deepspeed.zero_stage' must be 3 (got {self.zero_stage}): the trainer's EMA shards and "
+                "checkpoints work on ZeRO-3 partitions; a single rank runs ZeRO-3 as well"
+            )
 
 
 @dataclass
@@ -185,9 +190,10 @@ class FaultConfig:
 class TrainConfig:
     """The whole run. See the module docstring for the sections."""
 
-    model: QwenImageBackboneConfig = field(default_factory=QwenImageBackboneConfig)
+    model: QwenImageBackboneConfig
     method: TwinFlowConfig = field(default_factory=TwinFlowConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: Optional[DataConfig] = None
+    synthetic_data: Optional[SyntheticDataConfig] = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: RunConfig = field(default_factory=RunConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
@@ -196,14 +202,30 @@ class TrainConfig:
     faults: FaultConfig = field(default_factory=FaultConfig)
 
     def __post_init__(self) -> None:
+        if (self.data is None) == (self.synthetic_data is None):
+            raise ConfigError("exactly one of config sections 'data' and 'synthetic_data' must be set")
+        self._check_precision()
         self._propagate_kernels()
         self._check_batch_split()
 
+    def _check_precision(self) -> None:
+        want = "bfloat16" if self.deepspeed.bf16 else "float32"
+        if self.model.dtype != want:
+            raise ConfigError(
+                f"config key 'model.dtype' is {self.model.dtype!r} but deepspeed.bf16={self.deepspeed.bf16} "
+                f"trains {want} parameters; set model.dtype: {want}"
+            )
+
     def _propagate_kernels(self) -> None:
-        """``kernels`` is the one switch: the objective and the EMA use it as given; the backbone's
-        dual-time embedding has no ``auto`` and resolves it when the model is built."""
+        """``kernels`` is the one switch. The objective and the EMA take it as given (their ``auto``
+        picks per tensor device). The backbone's dual-time embedding has no ``auto``: it gets Triton
+        when CUDA is present (on CPU Triton needs its interpreter, far too slow for a model forward)."""
         if self.method.kernels != self.kernels:
             self.method = dataclasses.replace(self.method, kernels=self.kernels)
+        model_kernels = self.kernels
+        if model_kernels == "auto":
+            model_kernels = "triton" if torch.cuda.is_available() else "eager"
+        self.model.kernels = model_kernels
 
     def _check_batch_split(self) -> None:
         try:

@@ -1,6 +1,7 @@
 """Attention backend selection for the Qwen-Image transformer (config key ``attention_backend``).
 
-Backends run through diffusers' attention dispatcher (``model.set_attention_backend``). ``auto`` picks,
+Backends run through diffusers' attention dispatcher (set per processor, see :func:`configure_attention`).
+``auto`` picks,
 on CUDA: FlashAttention-3 (``_flash_3``) on Hopper when ``flash_attn_interface`` imports, else
 FlashAttention-2 (``flash``) when ``flash_attn`` imports, else PyTorch's own flash kernel
 (``_native_flash``); on CPU, ``_native_flash`` (PyTorch has a CPU flash kernel). The flash kernels need
@@ -11,17 +12,17 @@ diffusers 0.42 none of ``flash``, ``_flash_3`` and ``_native_flash`` accepts a m
 ``*_varlen`` backends assume the valid keys form a prefix, which is false for ``[text + padding,
 image]``, so they would silently drop image tokens; they are refused here. The backbone therefore (1)
 drops the mask when no text token is padding (exact), and (2) when padding is present and the chosen
-backend cannot take a mask, runs that forward with the mask-capable ``native`` backend (torch SDPA,
-which on CUDA uses its memory-efficient kernel with masks). The fallback is logged once.
+backend cannot take a mask, the attention processor runs that call with the mask-capable ``native``
+backend (torch SDPA, which on CUDA uses its memory-efficient kernel with masks). Logged at setup.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
-from typing import Iterator
 
 import torch
+from diffusers.models.attention_dispatch import AttentionBackendName
+from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
 from torch import nn
 
 from twinflow.utils.typed_config import ConfigError
@@ -91,41 +92,42 @@ def resolve_attention_backend(requested: str, device: torch.device | str, dtype:
     return requested
 
 
-class AttentionRouter:
-    """Holds a model's attention backend and swaps in the mask-capable fallback for padded batches."""
+class MaskRoutingProcessor(QwenDoubleStreamAttnProcessor2_0):
+    """diffusers' Qwen joint-attention processor that sends calls carrying a text mask to
+    :data:`MASKED_FALLBACK` when its configured backend cannot take a mask.
 
-    def __init__(self, model: nn.Module, backend: str):
-        model.set_attention_backend(backend)
-        self.backend = backend
-        self._processors = [
-            m.processor for m in model.modules() if hasattr(getattr(m, "processor", None), "_attention_backend")
-        ]
-        self._warned = False
+    The choice is made per call from the call's own arguments, so it also holds when gradient
+    checkpointing re-runs a block during backward (a per-forward switch would be undone by then).
+    """
 
-    @property
-    def needs_fallback_for_masks(self) -> bool:
-        return self.backend in FLASH_BACKENDS
-
-    @contextlib.contextmanager
-    def masked(self, has_mask: bool) -> Iterator[None]:
-        """Run the block with a backend that accepts the attention mask when ``has_mask`` requires it."""
-        if not (has_mask and self.needs_fallback_for_masks):
-            yield
-            return
-        if not self._warned:
-            logger.info(
-                "attention: padded text in the batch and backend %r takes no mask; such forwards use %r",
-                self.backend,
-                MASKED_FALLBACK,
-            )
-            self._warned = True
-        from diffusers.models.attention_dispatch import AttentionBackendName
-
-        previous = [p._attention_backend for p in self._processors]
-        for p in self._processors:
-            p._attention_backend = AttentionBackendName(MASKED_FALLBACK)
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
+                 attention_mask=None, image_rotary_emb=None):
+        configured = self._attention_backend
+        reroute = encoder_hidden_states_mask is not None and configured is not None and configured.value in FLASH_BACKENDS
+        if reroute:
+            self._attention_backend = AttentionBackendName(MASKED_FALLBACK)
         try:
-            yield
+            return super().__call__(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
+                                    attention_mask, image_rotary_emb)
         finally:
-            for p, b in zip(self._processors, previous):
-                p._attention_backend = b
+            self._attention_backend = configured
+
+
+def configure_attention(model: nn.Module, backend: str) -> None:
+    """Install a :class:`MaskRoutingProcessor` running ``backend`` on every joint-attention layer.
+
+    The backend is set on the processors themselves rather than through ``model.set_attention_backend``,
+    which also changes diffusers' process-wide default backend and so every other diffusers model in the
+    process (a plain Qwen-Image model with a text mask would then fail under a flash backend).
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(getattr(module, "processor", None), QwenDoubleStreamAttnProcessor2_0):
+            processor = MaskRoutingProcessor()
+            processor._attention_backend = AttentionBackendName(backend)
+            module.set_processor(processor)
+            count += 1
+    if count == 0:
+        raise ValueError(f"{type(model).__name__} has no Qwen joint-attention layers to configure")
+    if backend in FLASH_BACKENDS:
+        logger.info("attention: %r takes no mask; calls with padded text use %r", backend, MASKED_FALLBACK)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import AttentionRouter
 from .condition import QwenCondition
 
 
@@ -58,12 +57,11 @@ class QwenImageBackbone(nn.Module):
     model's compute dtype) and the velocity is returned in ``x_t``'s dtype.
     """
 
-    def __init__(self, transformer: nn.Module, *, dtype: torch.dtype, edit: bool, attention: AttentionRouter):
+    def __init__(self, transformer: nn.Module, *, dtype: torch.dtype, edit: bool):
         super().__init__()
         self.transformer = transformer
         self.dtype = dtype
         self.edit = edit
-        self.attention = attention
         config = transformer.config
         self.patch_size = int(config.patch_size)
         self.latent_channels = int(config.in_channels) // self.patch_size**2
@@ -125,14 +123,13 @@ class QwenImageBackbone(nn.Module):
             tokens = torch.cat([tokens, pack_latents(ref.to(self.dtype), p)], dim=1)
             shapes.append((1, ref.shape[2] // p, ref.shape[3] // p))
         embeds, mask = trim_text(cond.embeds, cond.mask)
-        with self.attention.masked(mask is not None):
-            out = self.transformer(
-                hidden_states=tokens,
-                encoder_hidden_states=embeds.to(self.dtype),
-                encoder_hidden_states_mask=mask,
-                timestep=t,
-                target_timestep=tt,
-                img_shapes=[shapes] * batch,
-                return_dict=False,
-            )[0]
+        out = self.transformer(
+            hidden_states=tokens,
+            encoder_hidden_states=embeds.to(self.dtype),
+            encoder_hidden_states_mask=mask,
+            timestep=t,
+            target_timestep=tt,
+            img_shapes=[shapes] * batch,
+            return_dict=False,
+        )[0]
         return unpack_latents(out[:, :num_target], height, width, p).to(x_t.dtype)

@@ -224,19 +224,19 @@ class QwenImageConditioner:
         root = Path(model_path)
         if not root.is_dir():
             raise FileNotFoundError(f"model folder not found: {root}")
+        uses_image = PROMPT_TEMPLATES[variant].uses_image
+        names = ["text_encoder", "tokenizer", "vae"] + (["processor"] if uses_image else [])
+        folders = {name: _require_folder(root, name) for name in names}
         text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            _require_folder(root, "text_encoder"), dtype=text_encoder_dtype, local_files_only=True
+            folders["text_encoder"], dtype=text_encoder_dtype, local_files_only=True
         )
-        tokenizer = Qwen2Tokenizer.from_pretrained(_require_folder(root, "tokenizer"), local_files_only=True)
-        vae = AutoencoderKLQwenImage.from_pretrained(
-            _require_folder(root, "vae"), torch_dtype=vae_dtype, local_files_only=True
-        )
+        tokenizer = Qwen2Tokenizer.from_pretrained(folders["tokenizer"], local_files_only=True)
+        vae = AutoencoderKLQwenImage.from_pretrained(folders["vae"], torch_dtype=vae_dtype, local_files_only=True)
         processor = None
-        if PROMPT_TEMPLATES[variant].uses_image:
-            folder = _require_folder(root, "processor")
+        if uses_image:
             processor = _ImageTextProcessor(
-                image_processor=AutoImageProcessor.from_pretrained(folder, local_files_only=True),
-                tokenizer=Qwen2Tokenizer.from_pretrained(folder, local_files_only=True),
+                image_processor=AutoImageProcessor.from_pretrained(folders["processor"], local_files_only=True),
+                tokenizer=Qwen2Tokenizer.from_pretrained(folders["processor"], local_files_only=True),
             )
         return cls(text_encoder, tokenizer, vae, processor, variant, max_sequence_length, negative_prompt, device)
 

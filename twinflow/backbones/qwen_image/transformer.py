@@ -15,6 +15,7 @@ back to the model. Nothing is stored on the model between calls (no hooks, no mu
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -29,6 +30,8 @@ from .partitioned import gathered
 
 KERNEL_CHOICES = ("eager", "triton")
 TWIN_PREFIX = "time_text_embed_2."
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ class TwinFlowQwenImageTransformer(QwenImageTransformer2DModel):
 
     Extra config keys (saved in ``config.json``): ``twin_embedder`` (two embedders, or one that receives
     ``t - tt/2``) and ``kernels`` (``"eager"`` or ``"triton"``: the fused dual-time embedding of
-    ``twinflow.kernels.dual_time_embedding``).
+    ``twinflow.kernels.dual_time_embedding``; single-embedder mode has nothing to fuse and stays eager).
     """
 
     @register_to_config
@@ -115,6 +118,20 @@ class TwinFlowQwenImageTransformer(QwenImageTransformer2DModel):
             # The additional-t embedding (Qwen-Image-Layered) is added once, through E1.
             self.time_text_embed_2 = QwenTimestepProjEmbeddings(self.inner_dim)
             copy_embedder_(self.time_text_embed, self.time_text_embed_2)
+            if kernels == "triton":
+                self.bind_fused_time_embedding()
+
+    def bind_fused_time_embedding(self) -> None:
+        """(Re)create the fused dual-time embedding over the *current* embedder modules.
+
+        The kernel module reads the weights of embedders it does not own (no state-dict keys of its
+        own) and must be a submodule so that ZeRO-3 gathers those weights through its hooks. Call this
+        again after anything replaces an embedder module (peft wrapping ``time_text_embed_2``).
+        The import is lazy: Triton's interpreter mode must be chosen before the first kernel import.
+        """
+        from twinflow.kernels.dual_time_embedding import DualTimestepEmbedding
+
+        self.fused_time_embed = DualTimestepEmbedding(self.time_text_embed, self.time_text_embed_2, backend="triton")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -136,6 +153,7 @@ class TwinFlowQwenImageTransformer(QwenImageTransformer2DModel):
                     f"missing {missing_twin}"
                 )
             model._init_twin_embedder_from_primary()
+            logger.info("%s has no time_text_embed_2: initialised it as a copy of time_text_embed", pretrained_model_name_or_path)
             info["missing_keys"] = [k for k in info["missing_keys"] if not k.startswith(TWIN_PREFIX)]
         return (model, info) if want_info else model
 
@@ -197,7 +215,7 @@ class TwinFlowQwenImageTransformer(QwenImageTransformer2DModel):
         if not self.config.twin_embedder:
             temb = embed_time(primary, timestep - target / 2, dtype)
         elif self.config.kernels == "triton":
-            temb = self._fused_dual_embedding(timestep, target, dtype)
+            temb = self.fused_time_embed(timestep, target, dtype)
         else:
             temb = embed_time(primary, timestep, dtype) + embed_time(self.time_text_embed_2, target, dtype) * (
                 timestep - target
@@ -207,11 +225,3 @@ class TwinFlowQwenImageTransformer(QwenImageTransformer2DModel):
                 raise ValueError("use_additional_t_cond=True: additional_t_cond must be provided")
             temb = temb + primary.addition_t_embedding(request.additional_t_cond).to(dtype)
         return temb
-
-    def _fused_dual_embedding(self, timestep: torch.Tensor, target: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``E1(t) + E2(tt)(t - tt)`` through the Triton kernel module (imported lazily: Triton's
-        interpreter mode must be chosen before the first kernel import)."""
-        from twinflow.kernels.dual_time_embedding import DualTimestepEmbedding
-
-        fused = DualTimestepEmbedding(self.time_text_embed, self.time_text_embed_2, backend="triton")
-        return fused(timestep, target, dtype)

@@ -1,0 +1,451 @@
+"""Fused TwinFlow / RCGM loss (ALGORITHM.md §3.6–3.10) in Triton, with a hand-written backward.
+
+:func:`twinflow_loss` has the signature and semantics of
+:func:`twinflow.method.loss_math.twinflow_loss_reference` (the eager specification) plus a ``backend``
+keyword; it returns ``(base_loss, rect_loss)`` as float32 scalars.
+
+Design
+------
+Each row of ``F`` (B, ...) is flattened to ``n`` elements. The per-element work (final target, squared
+error) is memory-bound over the B x n elements; the per-row work (time weight, Barron weight, means)
+touches B values. So the forward is two launches:
+
+1. ``_rows_kernel``, grid ``(ceil(n / BLOCK), B)``: one program reads one BLOCK-wide slice of one row of
+   ``F``, ``target`` and, only where the row uses them, ``v_c``/``v_u`` (guided rows), ``rcgm_acc``
+   (non-adv rows) and ``rect_diff`` (the first E rows); it builds the final target ``y`` and writes the
+   partial sums of ``(F - y)^2`` and of the rectification error ``(F - (F - clamp(diff)))^2`` to a
+   (B, blocks, 2) buffer (stage one of a two-stage reduction: no atomics, deterministic).
+2. ``_epilogue_kernel``, one program: sums the partials per row, then computes the per-row MSE, loss
+   weight (l2, or Barron's detached weight), time weight, both means, and the per-row gradient
+   coefficients the backward needs.
+
+The backward is one launch, ``_grad_kernel``, same grid as (1):
+``dF = g_base * a_row * (F - y) + g_rect * b_row * (F - y_rect)``, written in ``F``'s dtype, where
+``a_row = 2/n * w_time * w_loss / max(count, 1)`` on ``loss_rows`` (0 elsewhere) and
+``b_row = 2/n * w_loss_rect * dist_match_cof / E`` on the e2e rows. The targets are constants (see
+loss_math.py), so ``F`` is the only input that receives a gradient.
+
+What the backward reads: the residuals ``F - y`` (B x n) and ``F - y_rect`` (E x n), saved in float32
+by the forward when ``F`` requires grad. The alternative, recomputing ``y`` in the backward, would keep
+``target``, ``v_c``, ``v_u``, ``rcgm_acc``, ``rect_diff`` and ``F`` alive until the backward (up to six
+B x n tensors instead of at most two) and re-read them all (up to ~24 bytes per element instead of 4-8),
+so saving the residuals is cheaper in both memory and bandwidth; float32 keeps the gradient as exact as
+the reference's for bf16 inputs. Nothing is saved when ``F`` does not require grad.
+
+Numerics: everything is float32 whatever the input dtypes. Rows a branch does not use are masked out of
+the loads and every branch is a select, so NaN/inf in unread rows (e.g. ``v_c`` of unguided rows, or
+``rcgm_acc`` of adv rows) never reaches a result, and the short RCGM branch never divides (no NaN when
+``t == tt``). ``tan`` and ``pow`` come from libdevice on GPUs (the CUDA math library torch uses); the CPU
+interpreter has no libdevice, so there ``tan = sin / cos`` and ``pow = exp2(p log2 x)`` (numpy float32,
+within a few ulp of torch). The interpreter also truncates fp32 -> bf16 casts; the gradient store rounds
+to nearest even with integer ops there, as the GPU's native cast does.
+
+Layout: each input is viewed as (rows, n) with ``reshape``; the kernels take a row stride and need unit
+stride inside a row. Row-strided views (a slice of a larger batch, or ``x[:, :k]`` of a 2-D tensor) are
+read in place; any other layout (channels-last, transposed) is copied once by ``reshape``/``contiguous``.
+The gradient is returned contiguous. Row offsets are int64.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from contextlib import nullcontext
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from twinflow.method.loss_math import LossArithmetic, twinflow_loss_reference
+
+from ._common import interpreter_enabled, use_triton
+
+__all__ = ["twinflow_loss"]
+
+_MAX_BLOCK = 1024
+"""Elements of one row per program: large enough to stream, small enough for many programs per row."""
+_EPILOGUE_TILE = 4096
+"""Partial sums the epilogue loads per loop step (rows x blocks)."""
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Loss modes of the epilogue (constexpr).
+_L2 = 0
+_BARRON_CONSTANT = 1  # |alpha - 2| < 1e-5: the weight is 1, the loss is mse / c
+_BARRON = 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernel bodies. They are decorated by `_kernels()` on first use rather than at import: triton.jit
+# picks compiled or interpreted mode from TRITON_INTERPRET when it runs, and importing this module early
+# (the objective does) must not freeze that choice. `INTERPRETED` selects the interpreter's substitutes
+# for libdevice and for the bf16 cast (see the module docstring).
+# --------------------------------------------------------------------------------------------------
+def _rows_body(
+    F, T, VC, VU, ACC, RD, t_ptr, tt_ptr, adv_ptr,
+    res_ptr, rres_ptr, part_ptr,
+    n, n_blocks, E,
+    stride_f, stride_t, stride_vc, stride_vu, stride_acc, stride_rd,
+    enr, r0, r1, delta,
+    HAS_GUIDE: tl.constexpr, REPLACE: tl.constexpr, HAS_RCGM: tl.constexpr, HAS_RECT: tl.constexpr,
+    SAVE_RES: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Final target and partial squared errors of one BLOCK slice of one row.
+
+    A scalar row predicate restricts a block mask as ``tl.where(pred, mask, False)``: Triton 3.9's
+    interpreter cannot evaluate ``mask & pred`` for a block ``mask`` and a scalar ``pred``.
+    """
+    blk = tl.program_id(0)
+    row = tl.program_id(1)
+    row64 = row.to(tl.int64)
+    cols = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n
+    t = tl.load(t_ptr + row)
+    tt = tl.load(tt_ptr + row)
+    not_adv = tl.load(adv_ptr + row) == 0
+
+    f = tl.load(F + row64 * stride_f + cols, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(T + row64 * stride_t + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_GUIDE:
+        # §3.6: guided rows only; the loads of other rows are masked off, so their values never matter.
+        guided = (t >= r0) & (t < r1) & not_adv
+        guide_mask = tl.where(guided, mask, False)
+        vc = tl.load(VC + row64 * stride_vc + cols, mask=guide_mask, other=0.0).to(tl.float32)
+        vu = tl.load(VU + row64 * stride_vu + cols, mask=guide_mask, other=0.0).to(tl.float32)
+        if REPLACE:
+            guided_y = vu + enr * (vc - vu)
+        else:
+            guided_y = y + enr * (vc - vu)
+        y = tl.where(guided, guided_y, y)
+    if HAS_RCGM:
+        # §3.7 step 3 on non-adv rows; the short branch (gap < delta, t == tt included) does not divide.
+        acc_mask = tl.where(not_adv, mask, False)
+        acc = tl.load(ACC + row64 * stride_acc + cols, mask=acc_mask, other=0.0).to(tl.float32)
+        gap = t - tt
+        long = (f * gap - acc - delta * y) / delta
+        d = tl.where(gap >= delta, long, f - y)
+        d = tl.minimum(tl.maximum(d, -1.0), 1.0)
+        y = tl.where(not_adv, f - d, y)
+    r = tl.where(mask, f - y, 0.0)
+    part = part_ptr + (row64 * n_blocks + blk) * 2
+    tl.store(part, tl.sum(r * r, axis=0))
+    if SAVE_RES:
+        tl.store(res_ptr + row64 * n + cols, r, mask=mask)
+    if HAS_RECT:
+        # §3.9 on the first E rows: target F - clamp(v_fake - v_real, -1, 1), residual F - target.
+        rect_mask = tl.where(row < E, mask, False)
+        dv = tl.load(RD + row64 * stride_rd + cols, mask=rect_mask, other=0.0).to(tl.float32)
+        dv = tl.minimum(tl.maximum(dv, -1.0), 1.0)
+        rr = tl.where(rect_mask, f - (f - dv), 0.0)
+        tl.store(part + 1, tl.sum(rr * rr, axis=0))
+        if SAVE_RES:
+            tl.store(rres_ptr + row64 * n + cols, rr, mask=rect_mask)
+    else:
+        tl.store(part + 1, 0.0)
+
+
+def _epilogue_body(
+    part_ptr, t_ptr, tt_ptr, adv_ptr, sel_ptr, base_ptr, rect_ptr, coef_ptr,
+    B, E, n_blocks, n_f, e_f, c, alpha_gap, exponent, c2_eps, dist_match_cof, time_angle,
+    LOSS: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Per-row sums, weights and means (one program). Writes both losses and the 2 x B coefficients."""
+    rows = tl.arange(0, BLOCK_B)
+    row_mask = rows < B
+    sse = tl.zeros([BLOCK_B], dtype=tl.float32)
+    sse_rect = tl.zeros([BLOCK_B], dtype=tl.float32)
+    for start in range(0, n_blocks, BLOCK_P):
+        blocks = start + tl.arange(0, BLOCK_P)
+        m = row_mask[:, None] & (blocks < n_blocks)[None, :]
+        offs = (rows[:, None].to(tl.int64) * n_blocks + blocks[None, :]) * 2
+        sse += tl.sum(tl.load(part_ptr + offs, mask=m, other=0.0), axis=1)
+        sse_rect += tl.sum(tl.load(part_ptr + offs + 1, mask=m, other=0.0), axis=1)
+
+    # §3.10 per-row loss of the MSE m: l2 -> m; Barron -> m * w / c with the detached weight w, so the
+    # loss weight (dloss/dm as autograd sees it) is w / c.
+    mse = sse / n_f
+    mse_rect = sse_rect / n_f
+    if LOSS == 0:
+        w_loss = tl.full([BLOCK_B], 1.0, dtype=tl.float32)
+        w_rect = w_loss
+        loss = mse
+        loss_rect = mse_rect
+    else:
+        if LOSS == 1:
+            w = tl.full([BLOCK_B], 1.0, dtype=tl.float32)
+            w_r = w
+        else:
+            base_pow = mse / c2_eps / alpha_gap + 1.0
+            base_pow_r = mse_rect / c2_eps / alpha_gap + 1.0
+            if INTERPRETED:
+                w = tl.exp2(exponent * tl.log2(base_pow))
+                w_r = tl.exp2(exponent * tl.log2(base_pow_r))
+            else:
+                w = libdevice.pow(base_pow, exponent)
+                w_r = libdevice.pow(base_pow_r, exponent)
+        loss = mse * w / c
+        loss_rect = mse_rect * w_r / c
+        w_loss = w / c
+        w_rect = w_r / c
+
+    # §3.8 time weight tan((1 - (|t| - |tt|)) pi / 2.5) + 1, and 1 on adv rows.
+    t = tl.load(t_ptr + rows, mask=row_mask, other=0.0)
+    tt = tl.load(tt_ptr + rows, mask=row_mask, other=0.0)
+    angle = (1.0 - (tl.abs(t) - tl.abs(tt))) * time_angle
+    if INTERPRETED:
+        tan = tl.sin(angle) / tl.cos(angle)
+    else:
+        tan = libdevice.tan(angle)
+    adv = tl.load(adv_ptr + rows, mask=row_mask, other=0) != 0
+    w_time = tl.where(adv, 1.0, tan + 1.0)
+
+    selected = (tl.load(sel_ptr + rows, mask=row_mask, other=0) != 0) & row_mask
+    count = tl.maximum(tl.sum(selected.to(tl.float32), axis=0), 1.0)
+    tl.store(base_ptr, tl.sum(tl.where(selected, loss * w_time, 0.0), axis=0) / count)
+    is_e2e = rows < E
+    tl.store(rect_ptr, tl.sum(tl.where(is_e2e, loss_rect, 0.0), axis=0) / e_f * dist_match_cof)
+    tl.store(coef_ptr + rows, tl.where(selected, w_time * w_loss, 0.0) * (2.0 / n_f) / count, mask=row_mask)
+    tl.store(coef_ptr + B + rows, tl.where(is_e2e, w_rect, 0.0) * (2.0 / n_f) * (dist_match_cof / e_f),
+             mask=row_mask)
+
+
+def _grad_body(
+    res_ptr, rres_ptr, coef_ptr, g_base_ptr, g_rect_ptr, dF_ptr, B, E, n,
+    HAS_RECT: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """dF = g_base * a_row * (F - y) + g_rect * b_row * (F - y_rect), in dF's dtype."""
+    blk = tl.program_id(0)
+    row = tl.program_id(1)
+    row64 = row.to(tl.int64)
+    cols = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n
+    a = tl.load(coef_ptr + row) * tl.load(g_base_ptr).to(tl.float32)
+    g = a * tl.load(res_ptr + row64 * n + cols, mask=mask, other=0.0)
+    if HAS_RECT:
+        if row < E:
+            b = tl.load(coef_ptr + B + row) * tl.load(g_rect_ptr).to(tl.float32)
+            g += b * tl.load(rres_ptr + row64 * n + cols, mask=mask, other=0.0)
+    out_ty = dF_ptr.dtype.element_ty
+    out = g.to(out_ty)
+    if INTERPRETED:
+        if out_ty == tl.bfloat16:
+            bits = g.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    tl.store(dF_ptr + row64 * n + cols, out, mask=mask)
+
+
+class _Kernels(NamedTuple):
+    rows: triton.JITFunction
+    epilogue: triton.JITFunction
+    grad: triton.JITFunction
+
+
+@functools.cache
+def _kernels(interpreted: bool) -> _Kernels:
+    """The jitted kernels; ``interpreted`` must equal TRITON_INTERPRET now (triton.jit reads it)."""
+    return _Kernels(triton.jit(_rows_body), triton.jit(_epilogue_body), triton.jit(_grad_body))
+
+
+# --------------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------------
+def _as_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` as (rows, n) with unit stride inside a row: a view when possible, otherwise a copy."""
+    x2 = x.reshape(rows, -1)
+    if x2.shape[1] > 1 and x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    return x2
+
+
+def _row_stride(x: Optional[torch.Tensor]) -> int:
+    return x.stride(0) if x is not None else 0
+
+
+def _block(n: int) -> int:
+    return max(16, min(_MAX_BLOCK, triton.next_power_of_2(n)))
+
+
+def _num_warps(block: int) -> int:
+    return 4 if block >= 512 else 1
+
+
+def _loss_mode(arith: LossArithmetic) -> int:
+    if arith.loss.type == "l2":
+        return _L2
+    return _BARRON_CONSTANT if abs(arith.loss.alpha - 2.0) < 1e-5 else _BARRON
+
+
+def _check_inputs(
+    F: torch.Tensor,
+    target: torch.Tensor,
+    t: torch.Tensor,
+    tt: torch.Tensor,
+    adv: torch.Tensor,
+    loss_rows: torch.Tensor,
+    v_c: Optional[torch.Tensor],
+    v_u: Optional[torch.Tensor],
+    rcgm_acc: Optional[torch.Tensor],
+    rect_diff: Optional[torch.Tensor],
+) -> None:
+    """Clear errors for inputs the kernel cannot take (the reference would fail or broadcast)."""
+    if F.dim() < 1 or F.shape[0] == 0 or F[0].numel() == 0:
+        raise ValueError(f"F must have at least one row of at least one element, got shape {tuple(F.shape)}")
+    B = F.shape[0]
+    for name, x in (("target", target), ("v_c", v_c), ("v_u", v_u), ("rcgm_acc", rcgm_acc)):
+        if x is not None and x.shape != F.shape:
+            raise ValueError(f"{name} has shape {tuple(x.shape)} but F has shape {tuple(F.shape)}")
+    if v_c is not None and v_u is None:
+        raise ValueError("v_c is given without v_u")
+    if rect_diff is not None and (rect_diff.shape[1:] != F.shape[1:] or rect_diff.shape[0] > B):
+        raise ValueError(f"rect_diff has shape {tuple(rect_diff.shape)}; expected (E <= {B}, *{tuple(F.shape[1:])})")
+    for name, x in (("F", F), ("target", target), ("v_c", v_c), ("v_u", v_u), ("rcgm_acc", rcgm_acc),
+                    ("rect_diff", rect_diff)):
+        if x is not None and x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} has dtype {x.dtype}; supported: float32, bfloat16, float16")
+    for name, x in (("t", t), ("tt", tt), ("adv", adv), ("loss_rows", loss_rows)):
+        if x.shape != (B,):
+            raise ValueError(f"{name} must have shape ({B},), got {tuple(x.shape)}")
+    for name, x in (("adv", adv), ("loss_rows", loss_rows)):
+        if x.dtype != torch.bool:
+            raise TypeError(f"{name} must be a bool tensor, got {x.dtype}")
+
+
+class _Forward(NamedTuple):
+    base: torch.Tensor
+    rect: torch.Tensor
+    coef: torch.Tensor  # (2, B): base and rectification gradient coefficients per row
+    res: Optional[torch.Tensor]  # (B, n) float32 F - y, when saved
+    rres: Optional[torch.Tensor]  # (E, n) float32 F - y_rect, when saved
+
+
+def _forward(
+    F: torch.Tensor,
+    target: torch.Tensor,
+    t: torch.Tensor,
+    tt: torch.Tensor,
+    adv: torch.Tensor,
+    loss_rows: torch.Tensor,
+    arith: LossArithmetic,
+    v_c: Optional[torch.Tensor],
+    v_u: Optional[torch.Tensor],
+    rcgm_acc: Optional[torch.Tensor],
+    rect_diff: Optional[torch.Tensor],
+    save_residuals: bool,
+) -> _Forward:
+    """The two forward launches on validated inputs."""
+    B = F.shape[0]
+    E = rect_diff.shape[0] if rect_diff is not None else 0
+    F2, T2 = _as_rows(F, B), _as_rows(target, B)
+    VC2 = _as_rows(v_c, B) if v_c is not None else None
+    VU2 = _as_rows(v_u, B) if v_c is not None else None
+    ACC2 = _as_rows(rcgm_acc, B) if rcgm_acc is not None else None
+    RD2 = _as_rows(rect_diff, E) if E else None
+    n = F2.shape[1]
+    t32, tt32 = t.float().contiguous(), tt.float().contiguous()
+    adv8, sel8 = adv.contiguous().view(torch.uint8), loss_rows.contiguous().view(torch.uint8)
+
+    device = F.device
+    f32 = dict(dtype=torch.float32, device=device)
+    block = _block(n)
+    n_blocks = triton.cdiv(n, block)
+    partials = torch.empty(B, n_blocks, 2, **f32)
+    res = torch.empty(B, n, **f32) if save_residuals else None
+    rres = torch.empty(E, n, **f32) if save_residuals and E else None
+    base, rect = torch.empty((), **f32), torch.empty((), **f32)
+    coef = torch.empty(2, B, **f32)
+
+    r0, r1 = arith.enhanced_range
+    loss_cfg = arith.loss
+    block_b = max(16, triton.next_power_of_2(B))
+    block_p = max(1, min(triton.next_power_of_2(n_blocks), _EPILOGUE_TILE // block_b))
+    interpreted = interpreter_enabled()
+    kernels = _kernels(interpreted)
+    dummy = partials  # any tensor: a pointer argument whose loads/stores are compiled out
+    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+        kernels.rows[(n_blocks, B)](
+            F2, T2, _or(VC2, dummy), _or(VU2, dummy), _or(ACC2, dummy), _or(RD2, dummy), t32, tt32, adv8,
+            _or(res, dummy), _or(rres, dummy), partials,
+            n, n_blocks, E,
+            F2.stride(0), T2.stride(0), _row_stride(VC2), _row_stride(VU2), _row_stride(ACC2), _row_stride(RD2),
+            float(arith.enhanced_ratio), float(r0), float(r1), float(arith.rcgm_delta),
+            HAS_GUIDE=VC2 is not None, REPLACE=bool(arith.guide_replace), HAS_RCGM=ACC2 is not None,
+            HAS_RECT=E > 0, SAVE_RES=save_residuals, BLOCK=block, num_warps=_num_warps(block),
+        )
+        kernels.epilogue[(1,)](
+            partials, t32, tt32, adv8, sel8, base, rect, coef,
+            B, E, n_blocks, float(n), float(max(E, 1)), float(loss_cfg.c), abs(loss_cfg.alpha - 2.0), (loss_cfg.alpha - 2.0) / 2.0,
+            loss_cfg.c * loss_cfg.c + 1e-8, float(arith.dist_match_cof), math.pi / 2.5,
+            LOSS=_loss_mode(arith), INTERPRETED=interpreted, BLOCK_B=block_b, BLOCK_P=block_p, num_warps=4,
+        )
+    return _Forward(base, rect, coef, res, rres)
+
+
+def _or(x: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
+    return x if x is not None else fallback
+
+
+def _grad(fwd_coef: torch.Tensor, res: torch.Tensor, rres: Optional[torch.Tensor], g_base: torch.Tensor,
+          g_rect: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The backward launch: dL/dF as a contiguous (B, n) tensor of ``dtype``."""
+    B, n = res.shape
+    E = rres.shape[0] if rres is not None else 0
+    dF = torch.empty(B, n, dtype=dtype, device=res.device)
+    block = _block(n)
+    interpreted = interpreter_enabled()
+    with torch.cuda.device(res.device) if res.device.type == "cuda" else nullcontext():
+        _kernels(interpreted).grad[(triton.cdiv(n, block), B)](
+            res, _or(rres, res), fwd_coef, g_base.float().contiguous(), g_rect.float().contiguous(), dF,
+            B, E, n, HAS_RECT=E > 0, INTERPRETED=interpreted, BLOCK=block, num_warps=_num_warps(block),
+        )
+    return dF
+
+
+class _TwinFlowLossFn(torch.autograd.Function):
+    """Autograd wrapper: gradient to ``F`` only (targets and teacher outputs are constants)."""
+
+    @staticmethod
+    def forward(ctx, F, target, t, tt, adv, loss_rows, arith, v_c, v_u, rcgm_acc, rect_diff):
+        save = ctx.needs_input_grad[0]
+        out = _forward(F, target, t, tt, adv, loss_rows, arith, v_c, v_u, rcgm_acc, rect_diff, save)
+        ctx.save_for_backward(out.coef, out.res, out.rres)
+        ctx.f_shape, ctx.f_dtype = F.shape, F.dtype
+        return out.base, out.rect
+
+    @staticmethod
+    def backward(ctx, g_base, g_rect):
+        coef, res, rres = ctx.saved_tensors
+        dF = _grad(coef, res, rres, g_base, g_rect, ctx.f_dtype).view(ctx.f_shape)
+        return (dF,) + (None,) * 10
+
+
+def twinflow_loss(
+    F: torch.Tensor,
+    target: torch.Tensor,
+    t: torch.Tensor,
+    tt: torch.Tensor,
+    adv: torch.Tensor,
+    loss_rows: torch.Tensor,
+    arith: LossArithmetic,
+    v_c: Optional[torch.Tensor] = None,
+    v_u: Optional[torch.Tensor] = None,
+    rcgm_acc: Optional[torch.Tensor] = None,
+    rect_diff: Optional[torch.Tensor] = None,
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Base loss (§3.8) and rectification loss (§3.9, scaled by ``dist_match_cof``) of one step.
+
+    Arguments and results as :func:`twinflow.method.loss_math.twinflow_loss_reference`; ``backend`` is
+    "auto", "triton" or "eager" (:func:`twinflow.kernels._common.use_triton`). The Triton path returns
+    float32 scalars (also the zero rectification loss when ``rect_diff`` is None or empty) and
+    differentiates with respect to ``F`` only.
+    """
+    if not use_triton(F, target, t, tt, adv, loss_rows, v_c, v_u, rcgm_acc, rect_diff, backend=backend):
+        return twinflow_loss_reference(
+            F, target, t, tt, adv, loss_rows, arith, v_c=v_c, v_u=v_u, rcgm_acc=rcgm_acc, rect_diff=rect_diff
+        )
+    _check_inputs(F, target, t, tt, adv, loss_rows, v_c, v_u, rcgm_acc, rect_diff)
+    if rect_diff is not None and rect_diff.shape[0] == 0:
+        rect_diff = None
+    return _TwinFlowLossFn.apply(F, target, t, tt, adv, loss_rows, arith, v_c, v_u, rcgm_acc, rect_diff)

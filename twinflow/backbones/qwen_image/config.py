@@ -1,0 +1,158 @@
+"""Configuration of the Qwen-Image backbone and its builder.
+
+Every step the reference made users do by editing code is a key here:
+
+* "use the original transformer instead of the wrapper" (its LoRA recipes): ``twin_embedder: false``;
+* "switch to LoRA training, add LoRA like the SD3 script": ``lora.enabled: true`` (+ rank, alpha, ...);
+* "no EMA for Qwen-Image because of memory; modify to LoRA": ``lora.ema_adapter: true`` (an EMA adapter
+  beside the trainable one; the method's ``ema_decay_rate`` chooses the teacher);
+* "change QwenImage to QwenImageEdit": ``edit: true`` (reference latents travel in
+  ``QwenCondition.ref_latents``).
+
+The builder is a plain function of the config, so a trainer can call it under ``deepspeed.zero.Init``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from twinflow.utils.typed_config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+DEFAULT_LORA_TARGETS = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    "img_mlp.net.0.proj",
+    "img_mlp.net.2",
+    "txt_mlp.net.0.proj",
+    "txt_mlp.net.2",
+]
+"""Every attention projection of both streams and both streams' MLPs (peft suffix patterns)."""
+
+
+@dataclass
+class LoraSettings:
+    """LoRA through peft: a trainable adapter ``default`` and (``ema_adapter``) its EMA ``ema``.
+
+    ``train_time_embed_2`` says how the second time embedder learns when ``twin_embedder`` is on:
+    ``full`` (default: it is a fresh copy of E1 and small, ~D*(D+256) weights, so it is trained in full
+    as a per-adapter copy, which gives it an EMA copy too), ``lora`` (LoRA on its two linears), or
+    ``frozen``. Leave it unset without a twin embedder.
+    """
+
+    enabled: bool = False
+    rank: int = 32
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    train_time_embed_2: Literal["full", "lora", "frozen"] | None = None
+    ema_adapter: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"config key 'lora.rank' must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ConfigError(f"config key 'lora.alpha' must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"config key 'lora.dropout' must lie in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ConfigError("config key 'lora.target_modules' must name at least one module pattern")
+
+
+@dataclass
+class QwenImageBackboneConfig:
+    """Where the transformer comes from and how it runs.
+
+    Exactly one of ``pretrained`` (a local diffusers folder: a pipeline root with ``transformer/`` or a
+    transformer folder; loaded offline) and ``transformer`` (an inline transformer config, e.g.
+    :func:`~.tiny.tiny_transformer_config`, randomly initialised) must be set.
+    """
+
+    pretrained: str | None = None
+    transformer: dict[str, Any] | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    twin_embedder: bool = True
+    kernels: Literal["eager", "triton"] = "eager"
+    attention_backend: str = "auto"
+    gradient_checkpointing: bool = False
+    edit: bool = False
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def __post_init__(self) -> None:
+        if (self.pretrained is None) == (self.transformer is None):
+            raise ConfigError("exactly one of config keys 'pretrained' and 'transformer' must be set")
+        if self.lora.train_time_embed_2 is None:
+            self.lora.train_time_embed_2 = "full" if self.twin_embedder else "frozen"
+        elif self.lora.train_time_embed_2 != "frozen" and not self.twin_embedder:
+            raise ConfigError(
+                f"config key 'lora.train_time_embed_2': {self.lora.train_time_embed_2!r} needs twin_embedder: true "
+                "(there is no time_text_embed_2 in single-embedder mode)"
+            )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def resolve_pretrained_dir(path: str) -> Path:
+    """The folder holding the transformer's ``config.json``: ``path/transformer`` or ``path`` itself."""
+    root = Path(path)
+    for candidate in (root / "transformer", root):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise ConfigError(
+        f"config key 'pretrained': {path} holds no transformer config.json (looked in {root / 'transformer'} and {root})"
+    )
+
+
+def build_qwen_image_backbone(config: QwenImageBackboneConfig, device: torch.device | str):
+    """Build the :class:`~.backbone.QwenImageBackbone` described by ``config`` on ``device``.
+
+    Loads offline (``local_files_only``). Under ``deepspeed.zero.Init`` the parameters are already
+    placed and partitioned by DeepSpeed, so no ``.to()`` is applied to them here.
+    """
+    # Imported here so that reading a config does not import diffusers/peft.
+    from .attention import configure_attention, resolve_attention_backend
+    from .backbone import QwenImageBackbone
+    from .partitioned import is_partitioned
+    from .transformer import TwinFlowQwenImageTransformer
+
+    dtype = config.torch_dtype
+    extra = {"twin_embedder": config.twin_embedder, "kernels": config.kernels}
+    if config.pretrained is not None:
+        folder = resolve_pretrained_dir(config.pretrained)
+        transformer = TwinFlowQwenImageTransformer.from_pretrained(
+            str(folder), torch_dtype=dtype, local_files_only=True, **extra
+        )
+    else:
+        clashes = sorted(set(config.transformer) & set(extra))
+        if clashes:
+            raise ConfigError(f"config key 'transformer' must not set {clashes}: they are top-level backbone keys")
+        try:
+            transformer = TwinFlowQwenImageTransformer(**config.transformer, **extra)
+        except TypeError as e:
+            raise ConfigError(f"config key 'transformer': {e}") from e
+    if not any(is_partitioned(p) for p in transformer.parameters()):
+        # nn.Module.to: diffusers' override warns about an empty keep-in-fp32 list on every dtype cast.
+        torch.nn.Module.to(transformer, device=device, dtype=dtype)
+    if config.lora.enabled:
+        from .lora import add_lora
+
+        add_lora(transformer, config.lora)
+    configure_attention(transformer, resolve_attention_backend(config.attention_backend, device, dtype))
+    backbone = QwenImageBackbone(transformer, dtype=dtype, edit=config.edit)
+    backbone.set_gradient_checkpointing(config.gradient_checkpointing)
+    return backbone

@@ -1,0 +1,383 @@
+"""The latent / text-embedding cache: encode once, then train with neither text encoder nor VAE loaded.
+
+Layout of a cache folder::
+
+    manifest.json                     what is in the cache; written last, atomically
+    shard-<run>-00000.safetensors     up to shard_size items each
+    uncond-<run>.safetensors          text-to-image: the unconditional embedding, stored once
+
+A shard holds ``latents`` (n, C, h, w), ``indices`` (n,) (the raw dataset index of each item) and the
+text embeddings stored **ragged**: ``embeds`` (T, D) is every item's valid tokens one after another and
+``offsets`` (n + 1,) says where each item's tokens start (item i is ``embeds[offsets[i]:offsets[i+1]]``).
+No padding is stored, so no mask either: an item's mask is all true, and batches are padded (mask false)
+when they are built. Edit caches add ``ref_latents`` (n, C, h, w) and, because the unconditional
+condition there includes the reference image, ragged ``uncond_embeds`` / ``uncond_offsets`` per item.
+Item keys (source file / row) are in the shard's safetensors metadata.
+
+Crash safety: shards are written under a name unique to the run, each to a temporary name, fsynced and
+renamed. The manifest, which alone makes a cache valid, is written the same way only after every shard
+is in place, and records each shard's byte size. So an interrupted precompute leaves any previous cache
+untouched and never a manifest that points at missing or partial files; the next successful run removes
+the leftovers. Run one precompute per cache folder at a time.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from twinflow.backbones.qwen_image.condition import QwenCondition
+
+from .batch import TrainBatch
+from .config import DataConfig
+from .stats import DataError, DataStats
+
+if TYPE_CHECKING:
+    from twinflow.backbones.qwen_image.encoders import EncoderConfig
+
+CACHE_FORMAT = "twinflow-qwen-image-cache"
+CACHE_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+_CACHE_FILE = re.compile(r"^(shard|uncond)-[0-9a-f]+(-\d+)?\.safetensors(\.tmp)?$")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------- identity
+def cache_fingerprint(data: DataConfig, encoder: "EncoderConfig") -> dict[str, Any]:
+    """Every setting that changes what the cache holds (paths made absolute)."""
+    return {
+        "source": data.source,
+        "paths": [str(Path(p).resolve()) for p in data.paths],
+        "image_size": data.image_size,
+        "caption_column": data.caption_column,
+        "image_column": data.image_column,
+        "ref_image_column": data.ref_image_column,
+        "ref_suffix": data.ref_suffix,
+        "image_extensions": list(data.image_extensions),
+        "caption_extension": data.caption_extension,
+        "cache_dtype": data.cache_dtype,
+        "model_path": str(Path(encoder.model_path).resolve()),
+        "variant": encoder.variant,
+        "max_sequence_length": encoder.max_sequence_length,
+        "negative_prompt": encoder.resolved_negative_prompt,
+        "text_encoder_dtype": encoder.text_encoder_dtype,
+        "vae_dtype": encoder.vae_dtype,
+    }
+
+
+def fingerprint_hash(fingerprint: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- atomic files
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """fsync ``tmp``, rename it to ``final`` and fsync the folder, so ``final`` is whole or absent."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    _commit(tmp, path)
+
+
+def _save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> int:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    _commit(tmp, path)
+    return path.stat().st_size
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def _ragged(pieces: list[Tensor]) -> tuple[Tensor, Tensor]:
+    lengths = torch.tensor([p.shape[0] for p in pieces], dtype=torch.int64)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    return torch.cat(pieces), offsets
+
+
+class CacheWriter:
+    """Accumulates encoded batches into shards; :meth:`finish` commits the manifest."""
+
+    def __init__(self, cache_dir: str | Path, shard_size: int, dtype: str) -> None:
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.cache_dir = Path(cache_dir)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.shard_size = shard_size
+        self.dtype_name = dtype
+        self.dtype = _DTYPES[dtype]
+        self.run_id = f"{int(time.time()):x}{secrets.token_hex(4)}"
+        self.shards: list[dict[str, Any]] = []
+        self.unconditional: dict[str, Any] | None = None
+        self.num_items = 0
+        self._rows: list[dict[str, Any]] = []
+        self._layout: dict[str, Any] | None = None
+
+    def add(self, batch: TrainBatch, store_uncond_per_item: bool) -> None:
+        """Add a batch's rows; ``store_uncond_per_item`` for edit (the uncond depends on the image)."""
+        cond, uncond = batch.cond, batch.uncond
+        layout = {
+            "latent_shape": list(batch.latents.shape[1:]),
+            "embed_dim": int(cond.embeds.shape[-1]),
+            "has_ref": cond.ref_latents is not None,
+            "uncond_per_item": store_uncond_per_item,
+        }
+        if self._layout is None:
+            self._layout = layout
+        elif layout != self._layout:
+            raise DataError(f"cache batches disagree in layout: {layout} vs {self._layout}")
+        for row in range(len(batch)):
+            item = {
+                "index": batch.indices[row],
+                "key": batch.keys[row],
+                "latents": batch.latents[row].detach().cpu(),
+                "embeds": cond.embeds[row][cond.mask[row]].detach().cpu(),
+            }
+            if cond.ref_latents is not None:
+                item["ref_latents"] = cond.ref_latents[row].detach().cpu()
+            if store_uncond_per_item:
+                item["uncond_embeds"] = uncond.embeds[row][uncond.mask[row]].detach().cpu()
+            self._rows.append(item)
+            if len(self._rows) == self.shard_size:
+                self._flush()
+
+    def set_unconditional(self, uncond: QwenCondition) -> None:
+        """Store the one shared unconditional embedding (text-to-image)."""
+        name = f"uncond-{self.run_id}.safetensors"
+        embeds = uncond.embeds[0][uncond.mask[0]].detach().cpu().to(self.dtype)
+        size = _save_tensors(self.cache_dir / name, {"embeds": embeds})
+        self.unconditional = {"file": name, "bytes": size}
+
+    def _flush(self) -> None:
+        if not self._rows:
+            return
+        rows, self._rows = self._rows, []
+        tensors = {
+            "latents": torch.stack([r["latents"] for r in rows]).to(self.dtype),
+            "indices": torch.tensor([r["index"] for r in rows], dtype=torch.int64),
+        }
+        tensors["embeds"], tensors["offsets"] = _ragged([r["embeds"].to(self.dtype) for r in rows])
+        if "ref_latents" in rows[0]:
+            tensors["ref_latents"] = torch.stack([r["ref_latents"] for r in rows]).to(self.dtype)
+        if "uncond_embeds" in rows[0]:
+            tensors["uncond_embeds"], tensors["uncond_offsets"] = _ragged([r["uncond_embeds"].to(self.dtype) for r in rows])
+        name = f"shard-{self.run_id}-{len(self.shards):05d}.safetensors"
+        size = _save_tensors(self.cache_dir / name, tensors, {"keys": json.dumps([r["key"] for r in rows])})
+        self.shards.append({"file": name, "num_items": len(rows), "bytes": size})
+        self.num_items += len(rows)
+
+    def finish(self, fingerprint: dict[str, Any], stats: DataStats) -> Path:
+        """Write the last shard and the manifest, then delete cache files no manifest refers to."""
+        self._flush()
+        if self._layout is None or self.num_items == 0:
+            raise DataError("nothing to cache: no usable item was encoded")
+        if not self._layout["uncond_per_item"] and self.unconditional is None:
+            raise DataError("text-to-image cache needs the unconditional embedding (set_unconditional)")
+        manifest = {
+            "format": CACHE_FORMAT,
+            "version": CACHE_VERSION,
+            "fingerprint": fingerprint,
+            "fingerprint_sha256": fingerprint_hash(fingerprint),
+            "num_items": self.num_items,
+            "dtype": self.dtype_name,
+            **self._layout,
+            "shards": self.shards,
+            "unconditional": self.unconditional,
+            "skipped": stats.as_dict(),
+            "created_unix": int(time.time()),
+        }
+        path = self.cache_dir / MANIFEST_NAME
+        atomic_write_json(path, manifest)
+        self.remove_unreferenced()
+        return path
+
+    def remove_unreferenced(self) -> None:
+        """Delete this folder's cache files (by name pattern) that the current manifest does not list."""
+        keep: set[str] = set()
+        manifest = self.cache_dir / MANIFEST_NAME
+        if manifest.is_file():
+            data = json.loads(manifest.read_text())
+            keep = {s["file"] for s in data["shards"]}
+            if data.get("unconditional"):
+                keep.add(data["unconditional"]["file"])
+        for file in self.cache_dir.iterdir():
+            if _CACHE_FILE.match(file.name) and file.name not in keep:
+                file.unlink()
+
+
+# ---------------------------------------------------------------------------------------------- reading
+@dataclass
+class CachedItem:
+    """One cached item: latents (C, h, w), its valid text tokens (L, D), edit extras."""
+
+    index: int
+    key: str
+    latents: Tensor
+    embeds: Tensor
+    ref_latents: Tensor | None
+    uncond_embeds: Tensor | None
+
+
+def _single(embeds: Tensor, ref: Tensor | None) -> QwenCondition:
+    mask = torch.ones(1, embeds.shape[0], dtype=torch.bool)
+    return QwenCondition(embeds[None], mask, None if ref is None else ref[None])
+
+
+def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a complete cache; :class:`DataError` naming the problem otherwise."""
+    folder = Path(cache_dir)
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise DataError(
+            f"no cache manifest at {path}: the cache was never built or its precompute did not finish; "
+            "run `python -m twinflow.data.precompute --config <config>`"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"cache manifest {path} is not valid JSON: {e}") from e
+    if manifest.get("format") != CACHE_FORMAT or manifest.get("version") != CACHE_VERSION:
+        raise DataError(
+            f"{path} is not a {CACHE_FORMAT} v{CACHE_VERSION} manifest "
+            f"(format={manifest.get('format')!r}, version={manifest.get('version')!r})"
+        )
+    files = list(manifest["shards"]) + ([manifest["unconditional"]] if manifest.get("unconditional") else [])
+    for entry in files:
+        file = folder / entry["file"]
+        if not file.is_file():
+            raise DataError(f"cache file {file} listed in {path} is missing")
+        if file.stat().st_size != entry["bytes"]:
+            raise DataError(f"cache file {file} has {file.stat().st_size} bytes, the manifest says {entry['bytes']}")
+    return manifest
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """Items of a complete cache; ``collate`` makes :class:`TrainBatch` es with both conditions.
+
+    ``expected_fingerprint`` (see :func:`cache_fingerprint`) guards against training on a cache built
+    from other data or models: any difference raises :class:`DataError` naming the settings.
+    Tensors come back in the cache's storage dtype, on the CPU.
+    """
+
+    def __init__(self, cache_dir: str | Path, expected_fingerprint: dict[str, Any] | None = None) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.manifest = read_manifest(self.cache_dir)
+        if expected_fingerprint is not None:
+            self._check_fingerprint(expected_fingerprint)
+        counts = [s["num_items"] for s in self.manifest["shards"]]
+        self._shard_starts = np.concatenate([[0], np.cumsum(counts)])
+        self._offsets: list[Tensor] = []
+        self._uncond_offsets: list[Tensor | None] = []
+        self._indices: list[Tensor] = []
+        self._keys: list[list[str]] = []
+        for shard in self.manifest["shards"]:
+            with safe_open(str(self.cache_dir / shard["file"]), framework="pt") as f:
+                self._offsets.append(f.get_tensor("offsets"))
+                self._indices.append(f.get_tensor("indices"))
+                self._uncond_offsets.append(f.get_tensor("uncond_offsets") if self.uncond_per_item else None)
+                self._keys.append(json.loads(f.metadata()["keys"]))
+        self._uncond: Tensor | None = None
+        if not self.uncond_per_item:
+            with safe_open(str(self.cache_dir / self.manifest["unconditional"]["file"]), framework="pt") as f:
+                self._uncond = f.get_tensor("embeds")
+        self._handles: dict[int, Any] = {}
+        self._owner_pid = os.getpid()
+
+    def _check_fingerprint(self, expected: dict[str, Any]) -> None:
+        found = self.manifest["fingerprint"]
+        differ = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
+        if differ:
+            details = "; ".join(f"{k}: cache has {found.get(k)!r}, config has {expected.get(k)!r}" for k in differ)
+            raise DataError(f"cache {self.cache_dir} was built with other settings ({details}); rebuild it")
+
+    @property
+    def uncond_per_item(self) -> bool:
+        return bool(self.manifest["uncond_per_item"])
+
+    @property
+    def has_reference(self) -> bool:
+        return bool(self.manifest["has_ref"])
+
+    @property
+    def skipped_at_precompute(self) -> dict[str, int]:
+        """What the precompute skipped, per reason."""
+        return dict(self.manifest["skipped"])
+
+    def __len__(self) -> int:
+        return int(self.manifest["num_items"])
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+    def _handle(self, shard: int) -> Any:
+        if self._owner_pid != os.getpid():  # a forked DataLoader worker opens its own files
+            self._handles, self._owner_pid = {}, os.getpid()
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.cache_dir / self.manifest["shards"][shard]["file"]), framework="pt")
+        return self._handles[shard]
+
+    def __getitem__(self, index: int) -> CachedItem:
+        if not 0 <= index < len(self):
+            raise IndexError(f"cache item {index} out of range [0, {len(self)})")
+        shard = int(np.searchsorted(self._shard_starts, index, side="right")) - 1
+        local = index - int(self._shard_starts[shard])
+        f = self._handle(shard)
+        start, end = self._offsets[shard][local : local + 2].tolist()
+        uncond = None
+        if self.uncond_per_item:
+            u0, u1 = self._uncond_offsets[shard][local : local + 2].tolist()  # type: ignore[index]
+            uncond = f.get_slice("uncond_embeds")[u0:u1]
+        return CachedItem(
+            index=int(self._indices[shard][local]),
+            key=self._keys[shard][local],
+            latents=f.get_slice("latents")[local : local + 1][0],
+            embeds=f.get_slice("embeds")[start:end],
+            ref_latents=f.get_slice("ref_latents")[local : local + 1][0] if self.has_reference else None,
+            uncond_embeds=uncond,
+        )
+
+    def unconditional(self, batch_size: int) -> QwenCondition:
+        """Text-to-image: the stored unconditional condition repeated ``batch_size`` times."""
+        if self._uncond is None:
+            raise DataError("this edit cache stores one unconditional condition per item; use collate()")
+        one = _single(self._uncond, None)
+        return QwenCondition(one.embeds.repeat(batch_size, 1, 1), one.mask.repeat(batch_size, 1))
+
+    def collate(self, items: list[CachedItem]) -> TrainBatch:
+        cond = QwenCondition.cat([_single(i.embeds, i.ref_latents) for i in items])
+        if self.uncond_per_item:
+            uncond = QwenCondition.cat([_single(i.uncond_embeds, i.ref_latents) for i in items])  # type: ignore[arg-type]
+        else:
+            uncond = self.unconditional(len(items))
+        return TrainBatch(
+            latents=torch.stack([i.latents for i in items]),
+            cond=cond,
+            uncond=uncond,
+            indices=[i.index for i in items],
+            keys=[i.key for i in items],
+        )

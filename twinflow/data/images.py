@@ -1,0 +1,69 @@
+"""Image decoding and preparation: bytes -> RGB -> shorter side resized, center crop -> [-1, 1] tensor.
+
+Images are only ever decoded by PIL from raw bytes: nothing read from a dataset is unpickled.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .stats import SkipReason
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that do not give an image; ``reason`` is NOT_AN_IMAGE or CORRUPT_IMAGE."""
+
+    def __init__(self, reason: SkipReason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode encoded image bytes to an upright RGB image, fully loaded.
+
+    Raises :class:`ImageDecodeError`: NOT_AN_IMAGE when PIL recognises no format, CORRUPT_IMAGE when a
+    recognised file fails to decode (truncated, bad data, a decompression bomb).
+    """
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as e:
+        raise ImageDecodeError(SkipReason.NOT_AN_IMAGE, "not a recognised image format") from e
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageDecodeError(SkipReason.CORRUPT_IMAGE, f"cannot open: {e}") from e
+    try:
+        with warnings.catch_warnings():
+            # Oversized images are an error here (DecompressionBombError), not a warning.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return image.convert("RGB")
+    # PIL's decoders report broken data with several exception types (OSError for truncation,
+    # SyntaxError / struct errors from format parsers, ...); any of them means this one file is unusable.
+    except Exception as e:  # noqa: BLE001
+        raise ImageDecodeError(SkipReason.CORRUPT_IMAGE, f"cannot decode: {type(e).__name__}: {e}") from e
+
+
+def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Resize so the shorter side is ``size`` (bicubic), then crop the central ``size`` x ``size`` square."""
+    width, height = image.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float32 (3, H, W) in [-1, 1]."""
+    arr = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def load_image_tensor(data: bytes, size: int) -> torch.Tensor:
+    """Encoded bytes -> (3, size, size) in [-1, 1]; raises :class:`ImageDecodeError`."""
+    return image_to_tensor(resize_center_crop(decode_image(data), size))

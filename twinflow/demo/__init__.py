@@ -1,0 +1,1 @@
+"""The out-of-the-box demo: an embedded text-to-image dataset, its automatic score, and the run."""

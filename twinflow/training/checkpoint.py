@@ -1,0 +1,279 @@
+"""Crash-safe, resumable checkpoints of a ZeRO-3 run, stored as safetensors + JSON (nothing pickled).
+
+Why not DeepSpeed's ``save_checkpoint``/``load_checkpoint``: DeepSpeed 0.19 reads its partition files
+with ``torch.load(..., weights_only=False)`` (``TorchCheckpointEngine.load``), i.e. it unpickles
+whatever the files contain, and a checkpoint must never be able to run code. So each rank writes its
+own partitions with safetensors: the float32 master partition and the optimizer state of every
+sub-group (``master.<i>``, ``optim.<i>.<key>``), the teacher's shards (``teacher.*``) and its RNG states
+(``rng.*``); plain values (data position, Python RNG, EMA schedule, counters, LR schedule, the config)
+go to JSON.
+
+Layout under ``<output_dir>/checkpoints``::
+
+    step_00000300/            a complete checkpoint
+        rank-00000.safetensors, rank-00000.json, ...   one pair per rank
+        meta.json             written last: step, world size, counters, schedule, byte size of every file
+    latest                    the name of the newest complete checkpoint (replaced atomically)
+
+Atomic protocol (:meth:`CheckpointStore.save`): every rank writes and fsyncs its files into
+``.tmp-step_XXXXXXXX``; after a barrier rank 0 writes ``meta.json``, fsyncs the folder, renames it to
+``step_XXXXXXXX`` and fsyncs the parent, then replaces ``latest`` (temp file, fsync, ``os.replace``), and
+only then prunes checkpoints beyond ``keep_last`` (renamed away first, then deleted, so a crash while
+pruning never leaves a partial checkpoint that looks complete). A crash at any point leaves the
+previous checkpoint and ``latest`` intact; leftovers of an interrupted save are removed by the next
+one. Multi-node runs need ``output_dir`` on a shared file system.
+
+Loading checks the format, that the world size matches (partitions are per rank), and that every
+file has the byte size ``meta.json`` recorded, so a truncated file is an error naming it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .distributed import barrier
+
+FORMAT = "twinflow-zero3-checkpoint"
+VERSION = 1
+META = "meta.json"
+LATEST = "latest"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not fit this run; the message names the file."""
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+# ------------------------------------------------------------------------------------- tensor <-> JSON
+def split_tensors(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> Any:
+    """Replace every tensor in a nested dict/list by ``{"__tensor__": key}``, collecting it in ``out``."""
+    if isinstance(obj, torch.Tensor):
+        out[prefix] = obj
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        return {str(k): split_tensors(v, f"{prefix}.{k}", out) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [split_tensors(v, f"{prefix}.{i}", out) for i, v in enumerate(obj)]
+    return obj
+
+
+def join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`split_tensors`."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            key = obj["__tensor__"]
+            if key not in tensors:
+                raise CheckpointError(f"checkpoint tensor {key!r} is missing")
+            return tensors[key]
+        return {k: join_tensors(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [join_tensors(v, tensors) for v in obj]
+    return obj
+
+
+# ------------------------------------------------------------------------------------------- RNG states
+def capture_rng(device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This rank's torch CPU (and CUDA) generator states as tensors, Python's as JSON data."""
+    tensors = {"rng.torch_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        tensors["rng.torch_cuda"] = torch.cuda.get_rng_state(device)
+    version, state, gauss = random.getstate()
+    return tensors, {"python": [version, list(state), gauss]}
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], data: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(tensors["rng.torch_cpu"])
+    if device.type == "cuda":
+        if "rng.torch_cuda" not in tensors:
+            raise CheckpointError("checkpoint has no CUDA RNG state (it was written by a CPU run)")
+        torch.cuda.set_rng_state(tensors["rng.torch_cuda"], device)
+    version, state, gauss = data["python"]
+    random.setstate((version, tuple(state), gauss))
+
+
+# ------------------------------------------------------------------------------- ZeRO-3 optimizer state
+def zero3_partition_state(optimizer: Any) -> dict[str, torch.Tensor]:
+    """This rank's float32 master partition and optimizer state, per sub-group."""
+    tensors: dict[str, torch.Tensor] = {}
+    for i, flat in enumerate(optimizer.fp32_partitioned_groups_flat):
+        tensors[f"master.{i}"] = flat
+        for key, value in optimizer.optimizer.state.get(flat, {}).items():
+            if not isinstance(value, torch.Tensor):
+                value = torch.tensor(value)
+            tensors[f"optim.{i}.{key}"] = value
+    return tensors
+
+
+@torch.no_grad()
+def load_zero3_partition_state(optimizer: Any, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy a rank's saved partitions back and refresh the low-precision partitions from the masters
+    (what DeepSpeed's own loader does), then drop every gathered copy so nothing stale is used."""
+    flats = optimizer.fp32_partitioned_groups_flat
+    for i, flat in enumerate(flats):
+        key = f"master.{i}"
+        if key not in tensors:
+            raise CheckpointError(f"checkpoint has no {key}: it was written with another model or layout")
+        if tensors[key].shape != flat.shape:
+            raise CheckpointError(
+                f"checkpoint {key} has shape {tuple(tensors[key].shape)}, this rank's partition {tuple(flat.shape)}: "
+                "the model or the number of ranks differs"
+            )
+        flat.copy_(tensors[key])
+        state = optimizer.optimizer.state.setdefault(flat, {})
+        saved = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optim.{i}.")}
+        if set(saved) != set(state):
+            raise CheckpointError(f"checkpoint optimizer state of sub-group {i} has {sorted(saved)}, expected {sorted(state)}")
+        for k, v in saved.items():
+            if isinstance(state[k], torch.Tensor):
+                state[k].copy_(v)
+            else:
+                state[k] = type(state[k])(v.item())
+        optimizer._reassign_or_swap_out_partitioned_parameters(i)
+    optimizer.empty_partition_cache()
+
+
+# ----------------------------------------------------------------------------------------------- store
+class CheckpointStore:
+    """Writes and finds checkpoints under ``root`` with the atomic protocol of the module docstring.
+
+    ``fault_after_rank_files``: a test hook called after this rank's files are written (it may exit the
+    process to simulate a crash in the middle of a save).
+    """
+
+    def __init__(self, root: str | Path, rank: int, world_size: int, keep_last: int,
+                 fault_after_rank_files: Optional[Callable[[int], None]] = None):
+        self.root = Path(root)
+        self.rank = rank
+        self.world_size = world_size
+        self.keep_last = keep_last
+        self._fault = fault_after_rank_files
+
+    def complete_checkpoints(self) -> list[Path]:
+        """Complete checkpoint folders (those with ``meta.json``), oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if _STEP_DIR.match(p.name) and (p / META).is_file()]
+        return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+    def latest(self) -> Optional[Path]:
+        """The checkpoint ``latest`` names; without a pointer, the newest complete one (a crash can fall
+        between the rename and the pointer update)."""
+        pointer = self.root / LATEST
+        if pointer.is_file():
+            path = self.root / pointer.read_text().strip()
+            if not (path / META).is_file():
+                raise CheckpointError(f"{pointer} names {path}, which is not a complete checkpoint")
+            return path
+        complete = self.complete_checkpoints()
+        return complete[-1] if complete else None
+
+    def save(self, step: int, tensors: dict[str, torch.Tensor], rank_data: dict[str, Any], meta: dict[str, Any]) -> Path:
+        """Collective: every rank calls it with its own ``tensors``/``rank_data``; ``meta`` is used on rank 0."""
+        name = step_dir_name(step)
+        tmp = self.root / f".tmp-{name}"
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".tmp-*"):
+                shutil.rmtree(stale)
+            tmp.mkdir()
+        barrier()
+        stem = f"rank-{self.rank:05d}"
+        cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+        save_file(cpu, str(tmp / f"{stem}.safetensors"))
+        _fsync_file(tmp / f"{stem}.safetensors")
+        _write_json(tmp / f"{stem}.json", rank_data)
+        if self._fault is not None:
+            self._fault(step)
+        barrier()
+        final = self.root / name
+        if self.rank == 0:
+            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+            expected = {f"rank-{r:05d}.{ext}" for r in range(self.world_size) for ext in ("safetensors", "json")}
+            if set(files) != expected:
+                raise CheckpointError(f"checkpoint {tmp} holds {sorted(files)}, expected {sorted(expected)}")
+            _write_json(tmp / META, {**meta, "format": FORMAT, "version": VERSION, "step": step,
+                                     "world_size": self.world_size, "files": files})
+            _fsync_dir(tmp)
+            if final.exists():
+                self._discard(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
+            pointer_tmp = self.root / f".{LATEST}.tmp"
+            pointer_tmp.write_text(name + "\n")
+            _fsync_file(pointer_tmp)
+            os.replace(pointer_tmp, self.root / LATEST)
+            _fsync_dir(self.root)
+            self._prune(keep=final)
+        barrier()
+        return final
+
+    def _discard(self, path: Path) -> None:
+        trash = self.root / f".trash-{path.name}"
+        if trash.exists():
+            shutil.rmtree(trash)
+        os.rename(path, trash)
+        shutil.rmtree(trash)
+
+    def _prune(self, keep: Path) -> None:
+        complete = [p for p in self.complete_checkpoints() if p != keep]
+        excess = len(complete) + 1 - self.keep_last
+        for old in complete[: max(excess, 0)]:
+            self._discard(old)
+
+    def load(self, path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+        """``(meta, this rank's tensors, this rank's JSON data)`` of a complete checkpoint."""
+        path = Path(path)
+        meta_path = path / META
+        if not meta_path.is_file():
+            raise CheckpointError(f"{path} is not a complete checkpoint (no {META})")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+            raise CheckpointError(f"{meta_path}: not a {FORMAT} v{VERSION} checkpoint")
+        if meta["world_size"] != self.world_size:
+            raise CheckpointError(
+                f"{path} was written by {meta['world_size']} ranks; this run has {self.world_size} "
+                "(ZeRO-3 partitions are per rank: resume with the same number of ranks)"
+            )
+        for name, size in meta["files"].items():
+            file = path / name
+            if not file.is_file() or file.stat().st_size != size:
+                raise CheckpointError(f"checkpoint file {file} is missing or truncated (expected {size} bytes)")
+        stem = f"rank-{self.rank:05d}"
+        tensors = load_file(str(path / f"{stem}.safetensors"), device="cpu")
+        rank_data = json.loads((path / f"{stem}.json").read_text())
+        return meta, tensors, rank_data

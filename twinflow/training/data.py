@@ -1,0 +1,125 @@
+"""Training data for the trainer: the latent/text cache, or synthetic latents for tests and benchmarks.
+
+Both produce :class:`~twinflow.data.batch.TrainBatch` es through a
+:class:`~twinflow.data.loader.ResumableLoader`, whose ``state_dict`` (epoch, position per rank) goes into
+every checkpoint, so a resumed run continues with exactly the batches the interrupted one would have
+seen. Training reads the cache only: encoding images and prompts on the fly would keep the 8B text
+encoder in memory on every rank (build the cache with ``python -m twinflow.data.precompute``).
+
+Synthetic data (``synthetic_data`` section): item ``i`` is drawn from a generator seeded with
+``(seed, i)``, so any rank can produce any item. Latents are a smooth per-item pattern (a few random
+low-frequency waves plus a little noise) so a model can actually fit them; text embeddings are random
+with lengths that vary per item, so padding masks are exercised.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from twinflow.backbones.qwen_image.condition import QwenCondition
+from twinflow.data.batch import TrainBatch
+from twinflow.data.loader import ResumableLoader
+from twinflow.utils.typed_config import ConfigError
+
+
+@dataclass
+class SyntheticDataConfig:
+    """Synthetic latents (``latent_channels`` x ``latent_size``^2) with text embeddings of width
+    ``text_dim`` and ``min_text_len`` to ``max_text_len`` tokens; ``edit`` adds reference latents."""
+
+    num_items: int = 64
+    latent_channels: int = 4
+    latent_size: int = 8
+    text_dim: int = 32
+    min_text_len: int = 3
+    max_text_len: int = 6
+    edit: bool = False
+    seed: int = 0
+    shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        if self.num_items < 1:
+            raise ConfigError(f"config key 'synthetic_data.num_items' must be >= 1, got {self.num_items}")
+        if self.latent_size < 2 or self.latent_size % 2:
+            raise ConfigError(f"config key 'synthetic_data.latent_size' must be an even number >= 2, got {self.latent_size}")
+        if not 1 <= self.min_text_len <= self.max_text_len:
+            raise ConfigError(
+                "config keys 'synthetic_data.min_text_len' / 'max_text_len' need 1 <= min <= max, got "
+                f"{self.min_text_len} / {self.max_text_len}"
+            )
+
+
+@dataclass
+class SyntheticItem:
+    index: int
+    latents: torch.Tensor
+    embeds: torch.Tensor
+    ref_latents: torch.Tensor | None
+
+
+def _single(embeds: torch.Tensor, ref: torch.Tensor | None) -> QwenCondition:
+    mask = torch.ones(1, embeds.shape[0], dtype=torch.bool)
+    return QwenCondition(embeds[None], mask, None if ref is None else ref[None])
+
+
+class SyntheticDataset(torch.utils.data.Dataset):
+    """Deterministic synthetic items (see the module docstring)."""
+
+    def __init__(self, config: SyntheticDataConfig):
+        self.config = config
+        gen = torch.Generator().manual_seed(config.seed + 7919)
+        self._uncond = torch.randn(2, config.text_dim, generator=gen)
+
+    def __len__(self) -> int:
+        return self.config.num_items
+
+    def _latents(self, gen: torch.Generator) -> torch.Tensor:
+        c, s = self.config.latent_channels, self.config.latent_size
+        coords = torch.linspace(0, 2 * math.pi, s)
+        yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+        freq = torch.randint(1, 3, (c, 2), generator=gen).float()
+        phase = torch.rand(c, 1, 1, generator=gen) * 2 * math.pi
+        waves = torch.sin(freq[:, 0, None, None] * yy + freq[:, 1, None, None] * xx + phase)
+        return waves + 0.05 * torch.randn(c, s, s, generator=gen)
+
+    def __getitem__(self, index: int) -> SyntheticItem:
+        cfg = self.config
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
+        length = cfg.min_text_len + index % (cfg.max_text_len - cfg.min_text_len + 1)
+        latents = self._latents(gen)
+        embeds = torch.randn(length, cfg.text_dim, generator=gen)
+        ref = self._latents(gen) if cfg.edit else None
+        return SyntheticItem(index, latents, embeds, ref)
+
+    def collate(self, items: list[SyntheticItem]) -> TrainBatch:
+        cond = QwenCondition.cat([_single(i.embeds, i.ref_latents) for i in items])
+        uncond = QwenCondition.cat([_single(self._uncond, i.ref_latents) for i in items])
+        return TrainBatch(
+            latents=torch.stack([i.latents for i in items]),
+            cond=cond,
+            uncond=uncond,
+            indices=[i.index for i in items],
+            keys=[f"synthetic-{i.index}" for i in items],
+        )
+
+
+def build_loader(
+    data: Any, synthetic: SyntheticDataConfig | None, micro_batch_size: int, rank: int, world_size: int
+) -> ResumableLoader:
+    """The loader of this rank's micro batches, from the cache (``data``) or ``synthetic``."""
+    if synthetic is not None:
+        dataset = SyntheticDataset(synthetic)
+        return ResumableLoader(dataset, micro_batch_size, seed=synthetic.seed, shuffle=synthetic.shuffle,
+                               rank=rank, world_size=world_size)
+    if not data.use_cache:
+        raise ConfigError(
+            "config key 'data.use_cache' must be true: the trainer reads the latent/text cache "
+            "(build it with `python -m twinflow.data.precompute --config <config>`)"
+        )
+    from twinflow.data.cache import CachedDataset
+
+    return ResumableLoader(CachedDataset(data.cache_dir), micro_batch_size, seed=data.seed, shuffle=data.shuffle,
+                           rank=rank, world_size=world_size, num_workers=data.num_workers)

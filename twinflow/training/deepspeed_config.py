@@ -1,0 +1,106 @@
+"""The DeepSpeed JSON config, derived from the typed :class:`TrainConfig` (one source of truth).
+
+Batch sizes, the optimizer, clipping and precision come from the ``optim`` / ``train`` / ``deepspeed``
+sections; ``deepspeed.extra`` is merged last, recursively, for tuning knobs this project does not name
+(bucket sizes, prefetch, reuse distance, persistence threshold). Keys that the trainer owns are refused
+in ``extra`` with an error naming them, so the typed config and the engine can never disagree.
+
+The learning-rate schedule is not a DeepSpeed scheduler: the trainer passes its own
+(:mod:`twinflow.training.lr_schedule`) to ``deepspeed.initialize``, which steps it only on applied
+optimizer steps (a skipped non-finite step leaves it untouched).
+
+Persistent parameters. ZeRO-3 keeps parameters smaller than ``stage3_param_persistence_threshold``
+gathered on every rank. The shard EMA does not need the threshold set to 0: its teacher session
+releases every gathered parameter (persistent ones included) on entry and exit, so they are re-gathered
+from whichever partition is current (see :mod:`twinflow.training.zero_ema`). DeepSpeed's defaults are
+therefore kept.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from twinflow.utils.typed_config import ConfigError
+
+from .config import TrainConfig
+
+OWNED_KEYS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "optimizer",
+    "scheduler",
+    "bf16",
+    "fp16",
+)
+"""Top-level DeepSpeed keys derived from the typed config; ``deepspeed.extra`` may not set them."""
+
+OWNED_ZERO_KEYS = ("stage", "offload_optimizer", "offload_param")
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _check_extra(extra: dict[str, Any]) -> None:
+    owned = sorted(k for k in extra if k in OWNED_KEYS)
+    zero = extra.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError("config key 'deepspeed.extra.zero_optimization' must be a mapping")
+    owned += sorted(f"zero_optimization.{k}" for k in zero if k in OWNED_ZERO_KEYS)
+    if owned:
+        raise ConfigError(
+            f"config key(s) {', '.join(f'deepspeed.extra.{k}' for k in owned)} are derived from the typed "
+            "config (optim.*, train.micro_batch_size, deepspeed.zero_stage/bf16/offload_*); set those instead"
+        )
+    if zero.get("zero_hpz_partition_size", 1) != 1:
+        raise ConfigError(
+            "config key 'deepspeed.extra.zero_optimization.zero_hpz_partition_size': hpZ secondary partitions "
+            "are not supported (the shard EMA swaps the primary partition only)"
+        )
+
+
+def build_deepspeed_config(config: TrainConfig, world_size: int, *, on_cpu: bool) -> dict[str, Any]:
+    """The dict for ``deepspeed.initialize(config=...)`` / ``deepspeed.zero.Init(config_dict_or_path=...)``.
+
+    ``on_cpu`` selects DeepSpeed's plain ``torch.optim.AdamW`` (``torch_adam``): the fused CPU/CUDA
+    Adam ops need a compiler toolchain for the accelerator.
+    """
+    ds = config.deepspeed
+    optim = config.optim
+    _check_extra(ds.extra)
+    micro = config.train.micro_batch_size
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": not on_cpu}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": not on_cpu}
+    base: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": optim.gradient_accumulation_steps,
+        "train_batch_size": micro * optim.gradient_accumulation_steps * world_size,
+        "gradient_clipping": max(optim.max_grad_norm, 0.0),
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": optim.lr,
+                "betas": list(optim.betas),
+                "eps": optim.eps,
+                "weight_decay": optim.weight_decay,
+                "torch_adam": on_cpu,
+                "adam_w_mode": True,
+            },
+        },
+        "bf16": {"enabled": ds.bf16},
+        "zero_optimization": zero,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(base, ds.extra)
