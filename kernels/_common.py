@@ -9,10 +9,10 @@ Each fused kernel ships beside an eager PyTorch reference; callers pick one with
   (``TRITON_INTERPRET=1``); the reference otherwise.
 
 Why the interpreter rule: on a machine without a GPU, Triton can only execute kernels through its
-interpreter, which is selected when ``@triton.jit`` decorates a function, i.e. when the kernel module
-is imported. ``TRITON_INTERPRET=1`` must therefore be set before any ``twinflow.kernels`` module (and
-before ``triton`` itself) is imported; setting it later leaves compiled-mode kernels that cannot run on
-CPU tensors.
+interpreter, which is selected when ``triton.jit`` decorates a function. For a module that decorates
+its kernels at import, ``TRITON_INTERPRET=1`` must be set before that import (setting it later leaves
+compiled-mode kernels that cannot run on CPU tensors); a module that decorates on first use (keyed on
+:func:`interpreter_enabled`) only needs it set before the first call.
 """
 from __future__ import annotations
 

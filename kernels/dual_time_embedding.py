@@ -18,9 +18,10 @@ Numerics. Everything accumulates in float32. The kernels round to the compute dt
 module boundaries round (sinusoid, Linear1 output, SiLU output, each Linear2 output, ``t - tt``), then
 combine in float32 with a single final rounding. The sinusoid uses the frequency table computed by
 torch exactly as diffusers computes it, and ``(t * freq) * 1000`` in float32 as diffusers does; sin and
-cos come from libdevice on CUDA (the CUDA math library torch also uses) and from numpy under the CPU
-interpreter, which differs from torch's CPU sin/cos by at most 1 ulp (both are within 1 ulp of the
-exact value; 1 ulp is what we measured over 40k times in [-1, 1]).
+cos come from libdevice on CUDA (the CUDA math library torch also uses; Triton links it flush-to-zero,
+which can only matter for denormal arguments, |t| < 1e-34) and from numpy under the CPU interpreter,
+which differ from torch's CPU sin/cos by 1 ulp at most over 40k times in [-1, 1] (the tests allow 2:
+each library is documented within 1 ulp of the exact value).
 
 Gradients: for the weights and biases of both embedders. ``t`` and ``tt`` are data (sampled times);
 the Triton path rejects them when they require grad instead of silently returning no gradient.
@@ -50,19 +51,28 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 # Eager reference
 # --------------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=16)
-def _frequency_table(half: int, device: torch.device) -> torch.Tensor:
-    """``exp(-ln(max_period) * i / half)`` for i < half, computed with the same float32 torch ops (and
-    therefore the same exp implementation on this device) as diffusers' ``get_timestep_embedding``
-    with ``downscale_freq_shift=0``. Cached: it is a constant per device."""
+def _frequencies(half: int, device: torch.device) -> torch.Tensor:
+    """``exp(-ln(max_period) * i / half)`` for i < half, with the same float32 torch ops (and therefore
+    the same exp implementation on this device) as diffusers' ``get_timestep_embedding`` with
+    ``downscale_freq_shift=0``."""
     exponent = -math.log(SINUSOID_MAX_PERIOD) * torch.arange(0, half, dtype=torch.float32, device=device)
     return torch.exp(exponent / half)
+
+
+@functools.lru_cache(maxsize=16)
+def _frequency_table(half: int, device: torch.device) -> torch.Tensor:
+    """:func:`_frequencies` cached for kernel launches (a constant per device). Built outside inference
+    mode, so a first call from a sampler does not cache a tensor autograd may refuse later. The eager
+    reference recomputes it instead, as diffusers does, which keeps it free of caches for
+    ``torch.compile``."""
+    with torch.inference_mode(False):
+        return _frequencies(half, device)
 
 
 def timestep_sinusoid(t: torch.Tensor, channels: int) -> torch.Tensor:
     """Diffusers' ``Timesteps(channels, flip_sin_to_cos=True, downscale_freq_shift=0, scale=1000)``,
     bit for bit: float32 ``(t * freq) * 1000``, then ``[cos, sin]``. Returns float32 ``(B, channels)``."""
-    args = t[:, None].float() * _frequency_table(channels // 2, t.device)[None, :]
+    args = t[:, None].float() * _frequencies(channels // 2, t.device)[None, :]
     args = SINUSOID_SCALE * args
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 

@@ -32,7 +32,10 @@ B x n tensors instead of at most two) and re-read them all (up to ~24 bytes per 
 so saving the residuals is cheaper in both memory and bandwidth; float32 keeps the gradient as exact as
 the reference's for bf16 inputs. Nothing is saved when ``F`` does not require grad.
 
-Numerics: everything is float32 whatever the input dtypes. Rows a branch does not use are masked out of
+Numerics: everything is float32 whatever the input dtypes, with each operation rounded separately as
+in the eager reference (kernels are compiled without FMA contraction): the RCGM finite difference
+``(F (t - tt) - acc - delta y) / delta`` cancels and then divides by ``delta = 0.01``, so a contracted
+``F (t - tt) - acc`` would already move ``d`` by about 1e-5. Rows a branch does not use are masked out of
 the loads and every branch is a select, so NaN/inf in unread rows (e.g. ``v_c`` of unguided rows, or
 ``rcgm_acc`` of adv rows) never reaches a result, and the short RCGM branch never divides (no NaN when
 ``t == tt``). ``tan`` and ``pow`` come from libdevice on GPUs (the CUDA math library torch uses); the CPU
@@ -108,7 +111,7 @@ def _rows_body(
     y = tl.load(T + row64 * stride_t + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_GUIDE:
         # §3.6: guided rows only; the loads of other rows are masked off, so their values never matter.
-        guided = (t >= r0) & (t < r1) & not_adv
+        guided = (t > r0) & (t < r1) & not_adv
         guide_mask = tl.where(guided, mask, False)
         vc = tl.load(VC + row64 * stride_vc + cols, mask=guide_mask, other=0.0).to(tl.float32)
         vu = tl.load(VU + row64 * stride_vu + cols, mask=guide_mask, other=0.0).to(tl.float32)
@@ -371,12 +374,14 @@ def _forward(
             float(arith.enhanced_ratio), float(r0), float(r1), float(arith.rcgm_delta),
             HAS_GUIDE=VC2 is not None, REPLACE=bool(arith.guide_replace), HAS_RCGM=ACC2 is not None,
             HAS_RECT=E > 0, SAVE_RES=save_residuals, BLOCK=block, num_warps=_num_warps(block),
+            enable_fp_fusion=False,
         )
         kernels.epilogue[(1,)](
             partials, t32, tt32, adv8, sel8, base, rect, coef,
             B, E, n_blocks, float(n), float(max(E, 1)), float(loss_cfg.c), abs(loss_cfg.alpha - 2.0), (loss_cfg.alpha - 2.0) / 2.0,
             loss_cfg.c * loss_cfg.c + 1e-8, float(arith.dist_match_cof), math.pi / 2.5,
             LOSS=_loss_mode(arith), INTERPRETED=interpreted, BLOCK_B=block_b, BLOCK_P=block_p, num_warps=4,
+            enable_fp_fusion=False,
         )
     return _Forward(base, rect, coef, res, rres)
 
@@ -397,6 +402,7 @@ def _grad(fwd_coef: torch.Tensor, res: torch.Tensor, rres: Optional[torch.Tensor
         _kernels(interpreted).grad[(triton.cdiv(n, block), B)](
             res, _or(rres, res), fwd_coef, g_base.float().contiguous(), g_rect.float().contiguous(), dF,
             B, E, n, HAS_RECT=E > 0, INTERPRETED=interpreted, BLOCK=block, num_warps=_num_warps(block),
+            enable_fp_fusion=False,
         )
     return dF
 

@@ -110,6 +110,22 @@ def test_parquet_image_struct_column_and_row_groups(tmp_path: Path) -> None:
         assert torch.equal(sample.pixels, reference[index])
 
 
+def test_parquet_folder_of_shards(tmp_path: Path) -> None:
+    shards = tmp_path / "shards" / "nested"
+    shards.mkdir(parents=True)
+    write_parquet(shards / "part-1.parquet", [{"caption": c, "image": image_bytes(i)} for i, c in enumerate(CAPTIONS[3:5])])
+    write_parquet(shards.parent / "part-0.parquet", [{"caption": c, "image": image_bytes(i)} for i, c in enumerate(CAPTIONS[:3])])
+    dataset = ParquetImageTextDataset(_parquet_config(tmp_path / "shards"))
+    assert len(dataset) == 5
+    samples = [dataset[i] for i in range(5)]
+    # Files are taken in sorted path order: shards/nested/part-1 before shards/part-0.
+    assert [s.caption for s in samples] == CAPTIONS[3:5] + CAPTIONS[:3]
+    assert samples[0].key.endswith("nested/part-1.parquet#0") and samples[4].key.endswith("shards/part-0.parquet#2")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty contains no .parquet file"):
+        ParquetImageTextDataset(_parquet_config(tmp_path / "empty"))
+
+
 def test_parquet_schema_errors_name_the_column_and_file(tmp_path: Path) -> None:
     path = write_parquet(tmp_path / "x.parquet", [{"caption": "a", "image": image_bytes(0)}])
     with pytest.raises(DataError, match=r"x\.parquet.*'jpg'.*data\.image_column"):

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +27,6 @@ from twinflow.kernels.dual_time_embedding import (
     timestep_sinusoid_pair_triton,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DTYPES = [torch.float32, torch.bfloat16]
 # Relative error max|out - ref| / max|ref| allowed by ALGORITHM.md §5.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}

@@ -70,9 +70,14 @@ def test_repo_root_folder_does_not_shadow_anything():
 
 
 def test_installed_package_does_not_claim_the_top_level_name(tmp_path):
-    got = _probe(tmp_path)
-    assert got["top_level_origin"] is None or not got["top_level_origin"].startswith(str(REPO_ROOT))
-    assert got["is_kernels_available"] == got["hf_kernels_installed"]
-    assert got["module_name"] == "twinflow.kernels.dual_time_embedding"
-    assert got["module_file"] == str(REPO_ROOT / "kernels" / "dual_time_embedding.py")
-    assert got["attention_max_diff"] <= 1e-6
+    """Away from the repository root the editable install maps only ``twinflow.*``: the top-level
+    name ``kernels`` is left to Hugging Face's distribution (located without importing anything)."""
+    probe = ("import importlib.util, json; spec = importlib.util.find_spec; top = spec('kernels'); "
+             "ours = spec('twinflow.kernels.dual_time_embedding'); "
+             "print(json.dumps([top.origin if top else None, ours.origin, ours.name]))")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    top_origin, our_origin, our_name = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert top_origin is None or not top_origin.startswith(str(REPO_ROOT))
+    assert our_origin == str(REPO_ROOT / "kernels" / "dual_time_embedding.py")
+    assert our_name == "twinflow.kernels.dual_time_embedding"

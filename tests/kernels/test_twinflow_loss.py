@@ -192,6 +192,23 @@ def test_t_equal_tt_never_nan(device, poisoned_allocations, time):
     check(case, arith(guide_range=(-1.0, 2.0)), poisoned_allocations)
 
 
+def test_guidance_range_and_rcgm_branch_boundaries(device, poisoned_allocations):
+    """Guidance needs r0 < t < r1 (open interval); the long RCGM branch starts at t - tt == delta.
+
+    Rows: t on r0, inside, on r1; then gaps of exactly delta (fp32: 0.01 - 0), just below and just above.
+    """
+    case = make_case(6, (7,), device, n_rect=0, n_adv=0)
+    delta32 = torch.tensor(0.01).item()
+    case.t = torch.tensor([0.25, 0.5, 0.75, delta32, 0.3, 0.3], device=device)
+    case.tt = torch.tensor([0.1, 0.1, 0.1, 0.0, 0.3 - 0.0099, 0.3 - 0.0101], device=device)
+    # d = (F gap - acc - delta y) / delta = (target - y) - 0.5 noise: mostly inside the clamp, so the
+    # guidance and the branch taken both show in the result.
+    noise = torch.randn(case.F.shape, generator=torch.Generator().manual_seed(5)).to(device)
+    gap = (case.t - case.tt)[:, None]
+    case.rcgm_acc = case.F.detach() * gap - 0.01 * case.target + 0.005 * noise
+    check(case, arith(guide_range=(0.25, 0.75)), poisoned_allocations)
+
+
 def test_unread_rows_never_leak_nan_or_inf(device, poisoned_allocations):
     """Guidance is read on guided rows only and the RCGM integral on non-adv rows only."""
     case = make_case(6, (8,), device, n_adv=2, n_rect=1)

@@ -15,7 +15,7 @@ class SkipReason(str, Enum):
     """Why an item was not used."""
 
     MISSING_CAPTION = "missing_caption"  # no caption file / null or blank caption value
-    MISSING_IMAGE = "missing_image"  # null image bytes
+    MISSING_IMAGE = "missing_image"  # null image bytes / a caption file with no image beside it
     NOT_AN_IMAGE = "not_an_image"  # bytes or file in no image format PIL recognises
     CORRUPT_IMAGE = "corrupt_image"  # a recognised image format that fails to decode
     UNSUPPORTED_FILE = "unsupported_file"  # folder source: neither an image nor a caption file

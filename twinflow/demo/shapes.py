@@ -41,7 +41,7 @@ class Prompt:
 
 
 def all_prompts() -> list[Prompt]:
-    """Every prompt the dataset can produce, in a fixed order (64 prompts)."""
+    """Every prompt the dataset can produce, in a fixed order (60 prompts)."""
     out = []
     for shape in SHAPES:
         for color in COLORS:

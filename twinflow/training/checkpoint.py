@@ -133,8 +133,6 @@ def zero3_partition_state(optimizer: Any) -> dict[str, torch.Tensor]:
     for i, flat in enumerate(optimizer.fp32_partitioned_groups_flat):
         tensors[f"master.{i}"] = flat
         for key, value in optimizer.optimizer.state.get(flat, {}).items():
-            if not isinstance(value, torch.Tensor):
-                value = torch.tensor(value)
             tensors[f"optim.{i}.{key}"] = value
     return tensors
 
@@ -154,15 +152,16 @@ def load_zero3_partition_state(optimizer: Any, tensors: dict[str, torch.Tensor])
                 "the model or the number of ranks differs"
             )
         flat.copy_(tensors[key])
-        state = optimizer.optimizer.state.setdefault(flat, {})
         saved = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optim.{i}.")}
-        if set(saved) != set(state):
+        state = optimizer.optimizer.state[flat]
+        if not state:
+            # Optimizers create their state lazily at the first step: adopt the saved one (a scalar such
+            # as Adam's ``step`` stays on the CPU, as torch keeps it).
+            state.update({k: v.clone() if v.dim() == 0 else v.to(flat.device, copy=True) for k, v in saved.items()})
+        elif set(saved) != set(state):
             raise CheckpointError(f"checkpoint optimizer state of sub-group {i} has {sorted(saved)}, expected {sorted(state)}")
         for k, v in saved.items():
-            if isinstance(state[k], torch.Tensor):
-                state[k].copy_(v)
-            else:
-                state[k] = type(state[k])(v.item())
+            state[k].copy_(v)
         optimizer._reassign_or_swap_out_partitioned_parameters(i)
     optimizer.empty_partition_cache()
 

@@ -58,7 +58,6 @@ agree to within the bucket sizes; the activation terms marked as estimates are w
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +99,13 @@ QWEN_IMAGE_TRANSFORMER = {
     "axes_dims_rope": (16, 56, 56),
 }
 """The published Qwen-Image transformer config (``transformer/config.json`` of Qwen/Qwen-Image)."""
+ARCHITECTURE_KEYS = (
+    *QWEN_IMAGE_TRANSFORMER,
+    "zero_cond_t",
+    "use_additional_t_cond",
+    "use_layer3d_rope",
+)
+"""Keys of a pretrained ``config.json`` that shape the parameters (the rest is metadata)."""
 
 QWEN25_VL_7B_TEXT = {
     "vocab_size": 152064,
@@ -362,6 +368,7 @@ class MemoryPlan:
     gpu_mem_bytes: int
     assumptions: list[str] = field(default_factory=list)
     title: str = "memory plan"
+    alternatives: list[str] = field(default_factory=list)
 
     def term(self, key: str) -> PlanTerm:
         for t in self.terms:
@@ -414,6 +421,9 @@ class MemoryPlan:
         rows.extend(f"  - {a}" for a in self.assumptions)
         rows.append("")
         rows.append(self.verdict())
+        if self.alternatives:
+            rows.append("single changes and the total each gives:")
+            rows.extend(f"  - {a}" for a in self.alternatives)
         return "\n".join(rows)
 
 
@@ -632,25 +642,75 @@ def _transformer_config(cfg: TrainConfig) -> tuple[dict[str, Any], str]:
             f"published Qwen-Image config (model.pretrained {model.pretrained} is not on this machine)"
         )
     raw = json.loads((folder / "config.json").read_text())
-    keys = {f.name for f in dataclasses.fields(_TransformerKeys)}
-    return {k: v for k, v in raw.items() if k in keys}, f"{folder / 'config.json'}"
+    return {k: v for k, v in raw.items() if k in ARCHITECTURE_KEYS}, f"{folder / 'config.json'}"
 
 
-@dataclass
-class _TransformerKeys:
-    """The architecture keys read from a pretrained ``config.json`` (the rest is metadata)."""
+def _run_geometry(cfg: TrainConfig, patch: int) -> tuple[int, int, str]:
+    """``(image tokens per row, latent side, description)``: the VAE's 8x compression and the
+    transformer's patch packing; an edit model also attends to the reference image's tokens."""
+    if cfg.data is not None:
+        latent = cfg.data.image_size // 8
+        origin = f"images {cfg.data.image_size} px -> {latent}x{latent} latent"
+    else:
+        latent = cfg.synthetic_data.latent_size
+        origin = f"synthetic {latent}x{latent} latents"
+    tokens = (latent // patch) ** 2 * (2 if cfg.model.edit else 1)
+    desc = f"{origin}, {patch}x{patch} packing -> {tokens} image tokens{' (target + reference)' if cfg.model.edit else ''}"
+    return tokens, latent, desc
 
-    patch_size: int
-    in_channels: int
-    out_channels: int
-    num_layers: int
-    attention_head_dim: int
-    num_attention_heads: int
-    joint_attention_dim: int
-    axes_dims_rope: tuple
-    zero_cond_t: bool
-    use_additional_t_cond: bool
-    use_layer3d_rope: bool
+
+def _config_plan(
+    cfg: TrainConfig, inv: ParamInventory, arch: Mapping[str, Any], world_size: int, gpu_mem_gib: float,
+    text_tokens: int, cuda_context_gib: float, fragmentation: float, title: str,
+) -> MemoryPlan:
+    from .deepspeed_config import build_deepspeed_config
+
+    zero = ZeroSettings.from_deepspeed_config(build_deepspeed_config(cfg, world_size, on_cpu=False), world_size)
+    image_tokens, _, geometry = _run_geometry(cfg, int(arch.get("patch_size", 2)))
+    micro = cfg.train.micro_batch_size
+    shape = ActivationShape(
+        main_rows=micro,
+        teacher_rows=largest_teacher_rows(micro, cfg.method),
+        image_tokens=image_tokens,
+        text_tokens=text_tokens,
+        width=int(arch["attention_head_dim"]) * int(arch["num_attention_heads"]),
+        num_blocks=inv.num_blocks,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+    )
+    resident_encoders = cfg.data is not None and not cfg.data.use_cache
+    plan = plan_for_model(
+        inv, zero, shape,
+        teacher=teacher_kind(cfg.method.ema_decay_rate),
+        encoder_params=qwen_image_encoder_params() if resident_encoders else None,
+        gpu_mem_gib=gpu_mem_gib, cuda_context_gib=cuda_context_gib, fragmentation=fragmentation, title=title,
+    )
+    plan.assumptions.append(f"{geometry}; text padded to {text_tokens} tokens (--text-tokens)")
+    plan.assumptions.append(
+        "text encoder and VAE: resident in bf16 on every rank (data.use_cache is false)" if resident_encoders else
+        "text encoder and VAE: not on the GPU (training reads the latent/text cache; sample grids encode prompts "
+        "and decode latents on rank 0's CPU)"
+    )
+    return plan
+
+
+def _alternatives(cfg: TrainConfig) -> list[str]:
+    """Single config changes that lower memory, as ``key=value`` overrides valid for this config."""
+    from twinflow.method.config import GROUPS
+
+    out = []
+    if cfg.data is not None and not cfg.data.use_cache and cfg.data.cache_dir:
+        out.append("data.use_cache=true")
+    if not cfg.model.gradient_checkpointing:
+        out.append("model.gradient_checkpointing=true")
+    if not cfg.deepspeed.offload_optimizer:
+        out.append("deepspeed.offload_optimizer=true")
+    smallest = sum(1 for g in GROUPS if cfg.method.probs.as_dict()[g] > 0)
+    if cfg.train.micro_batch_size > smallest:
+        out.append(f"train.micro_batch_size={smallest}")
+    zero_extra = cfg.deepspeed.extra.get("zero_optimization", {})
+    if int(zero_extra.get("sub_group_size", 1_000_000_000)) > 100_000_000:
+        out.append("deepspeed.extra.zero_optimization.sub_group_size=100000000")
+    return out
 
 
 def plan_from_config(
@@ -663,56 +723,29 @@ def plan_from_config(
     fragmentation: float = 0.10,
     config_name: str = "",
 ) -> MemoryPlan:
-    """The plan of a :class:`TrainConfig` on ``world_size`` GPUs of ``gpu_mem_gib`` GiB."""
-    from .deepspeed_config import build_deepspeed_config
+    """The plan of a :class:`TrainConfig` on ``world_size`` GPUs of ``gpu_mem_gib`` GiB. When it does
+    not fit, each single config change that lowers memory is planned too and listed with its total."""
+    from twinflow.utils.typed_config import apply_overrides, from_dict, to_dict
+
+    from .config import TrainConfig
 
     if cfg.model.lora.enabled:
         raise ConfigError("config key 'model.lora.enabled': the memory plan covers full training; set it to false")
     if text_tokens < 1:
         raise ConfigError(f"--text-tokens must be >= 1, got {text_tokens}")
-    zero = ZeroSettings.from_deepspeed_config(build_deepspeed_config(cfg, world_size, on_cpu=False), world_size)
     arch, source = _transformer_config(cfg)
     inv = qwen_image_inventory(arch, twin_embedder=cfg.model.twin_embedder)
-    patch = int(arch.get("patch_size", 2))
-    latent = cfg.data.image_size // 8
-    image_tokens = (latent // patch) ** 2
-    width = int(arch["attention_head_dim"]) * int(arch["num_attention_heads"])
-    micro = cfg.train.micro_batch_size
-    shape = ActivationShape(
-        main_rows=micro,
-        teacher_rows=largest_teacher_rows(micro, cfg.method),
-        image_tokens=image_tokens,
-        text_tokens=text_tokens,
-        width=width,
-        num_blocks=inv.num_blocks,
-        gradient_checkpointing=cfg.model.gradient_checkpointing,
-    )
-    encoders = qwen_image_encoder_params()
-    if cfg.data.use_cache:
-        resident = {"vae": encoders["vae"]} if cfg.train.sample_every > 0 else {}
-    else:
-        resident = encoders
-    plan = plan_for_model(
-        inv,
-        zero,
-        shape,
-        teacher=teacher_kind(cfg.method.ema_decay_rate),
-        encoder_params=resident,
-        gpu_mem_gib=gpu_mem_gib,
-        cuda_context_gib=cuda_context_gib,
-        fragmentation=fragmentation,
-        title=f"memory plan{' for ' + config_name if config_name else ''}: {world_size} GPUs x {gpu_mem_gib} GiB, ZeRO-3",
-    )
-    plan.assumptions[1:1] = [f"transformer architecture: {source}"]
-    plan.assumptions.append(
-        f"images {cfg.data.image_size} px -> {latent}x{latent} latent, {patch}x{patch} packing -> {image_tokens} image tokens; "
-        f"text padded to {text_tokens} tokens (--text-tokens)"
-    )
-    plan.assumptions.append(
-        "text encoder and VAE: "
-        + ("not resident (training from the latent/text cache, data.use_cache)" if cfg.data.use_cache else "resident in bf16 on every rank")
-        + ("; VAE kept to decode sample grids" if cfg.data.use_cache and cfg.train.sample_every > 0 else "")
-    )
+    title = f"memory plan{' for ' + config_name if config_name else ''}: {world_size} GPUs x {gpu_mem_gib} GiB, ZeRO-3"
+    args = (inv, arch, world_size, gpu_mem_gib, text_tokens, cuda_context_gib, fragmentation, title)
+    plan = _config_plan(cfg, *args)
+    plan.assumptions.insert(1, f"transformer architecture: {source}")
+    if not plan.fits:
+        for override in _alternatives(cfg):
+            changed = from_dict(TrainConfig, apply_overrides(to_dict(cfg), [override]))
+            alt = _config_plan(changed, *args)
+            plan.alternatives.append(
+                f"{override}: {alt.gpu_bytes() / GiB:.2f} GiB per GPU ({'fits' if alt.fits else 'still does not fit'})"
+            )
     return plan
 
 

@@ -48,6 +48,7 @@ from .checkpoint import (
 from .config import TrainConfig
 from .data import build_loader
 from .deepspeed_config import build_deepspeed_config
+from .export import Weights, export_from_trainer, export_layout
 from .distributed import DistInfo, any_rank, init_distributed, mean_over_ranks
 from .lr_schedule import WarmupDecaySchedule
 from .teachers import build_run_teacher
@@ -72,6 +73,10 @@ class RunLogger(Protocol):
     def log_step(self, step: int, scalars: dict[str, float]) -> None: ...
 
     def maybe_sample(self, step: int, backbone: Any, teacher: Teacher) -> None: ...
+
+    def export(self, out: str | Path, *, weights: Weights = "ema", merge_lora: bool = False) -> Optional[Path]:
+        """Collective: write the online or EMA transformer as a diffusers folder (see :mod:`.export`)."""
+        return export_from_trainer(self, out, weights=weights, merge_lora=merge_lora)
 
     def close(self) -> None: ...
 
@@ -121,11 +126,19 @@ def seed_everything(seed: int) -> None:
 def build_partitioned_backbone(config: TrainConfig, ds_config: dict[str, Any], device: torch.device) -> torch.nn.Module:
     """The backbone built under ``deepspeed.zero.Init``: each parameter is partitioned as soon as its
     module is constructed, so no rank ever holds the full model."""
+    import importlib
+
     import deepspeed
 
     from twinflow.backbones.qwen_image.config import build_qwen_image_backbone
 
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=config.model.torch_dtype):
+    # zero.Init patches tensor construction; importing diffusers (and torch._dynamo with it) inside the
+    # context fails, so the builder's lazily imported modules are imported first.
+    for name in ("attention", "backbone", "transformer") + (("lora",) if config.model.lora.enabled else ()):
+        importlib.import_module(f"twinflow.backbones.qwen_image.{name}")
+    # The parameter dtype comes from ds_config's bf16 flag (checked against model.dtype by the config):
+    # DeepSpeed 0.19 ignores an explicit ``dtype`` argument on accelerators without fp16 (CPU).
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
         return build_qwen_image_backbone(config.model, device)
 
 
@@ -156,6 +169,7 @@ class Trainer:
             ema_decay_rate=config.method.ema_decay_rate, backend=config.kernels,
         )
         self.objective = TwinFlowObjective(config.method)
+        self._layout = export_layout(self.backbone, self.optimizer)
         self.loader = build_loader(config.data, config.synthetic_data, config.train.micro_batch_size,
                                    self.dist.rank, self.dist.world_size)
         self.store = CheckpointStore(config.output_dir / "checkpoints", self.dist.rank, self.dist.world_size,
@@ -165,8 +179,11 @@ class Trainer:
         self.resumed_from = self._resume()
         self._batches = iter(self.loader)
         if logger_factory is None:
-            from .observability import RunLogger as logger_factory  # noqa: N813
-        self.run_logger = logger_factory(config, self.dist.rank)
+            from . import observability
+
+            self.run_logger: RunLogger = observability.RunLogger(config, self.dist.rank, data_stats=self.loader.stats)
+        else:
+            self.run_logger = logger_factory(config, self.dist.rank)
 
     # ---------------------------------------------------------------------------------------- loop
     def train(self, max_steps: Optional[int] = None) -> list[StepReport]:
@@ -251,6 +268,7 @@ class Trainer:
             "train_state": dataclasses.asdict(self.state),
             "scheduler": self.scheduler.state_dict(),
             "config": to_dict(self.config),
+            "layout": self._layout,
         }
         return self.store.save(self.state.step, tensors, rank_data, meta)
 
@@ -276,6 +294,10 @@ class Trainer:
         if self.dist.is_main:
             logger.info("resumed from %s at step %d", path, self.state.step)
         return path
+
+    def export(self, out: str | Path, *, weights: Weights = "ema", merge_lora: bool = False) -> Optional[Path]:
+        """Collective: write the online or EMA transformer as a diffusers folder (see :mod:`.export`)."""
+        return export_from_trainer(self, out, weights=weights, merge_lora=merge_lora)
 
     def close(self) -> None:
         self.run_logger.close()

@@ -102,6 +102,12 @@ class QwenImageBackboneConfig:
                 "(there is no time_text_embed_2 in single-embedder mode)"
             )
 
+        if self.kernels == "triton" and self.lora.enabled and self.lora.train_time_embed_2 == "lora":
+            raise ConfigError(
+                "config keys 'kernels: triton' and 'lora.train_time_embed_2: lora' conflict: the fused time "
+                "embedding reads plain Linear weights; use train_time_embed_2 'full' or 'frozen', or kernels 'eager'"
+            )
+
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]

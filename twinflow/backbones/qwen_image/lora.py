@@ -17,6 +17,7 @@ partitioned identically, so the element-wise EMA needs no gather).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -72,7 +73,8 @@ def adapter_pairs(model: nn.Module, src: str = ADAPTER, dst: str = EMA_ADAPTER) 
             if src not in container:
                 continue
             if dst not in container:
-                raise ValueError(f"adapter {dst!r} is missing on a module that has adapter {src!r}")
+                hint = " (set lora.ema_adapter: true)" if dst == EMA_ADAPTER else ""
+                raise ValueError(f"adapter {dst!r} is missing on a module that has adapter {src!r}{hint}")
             a, b = container[dst], container[src]
             if isinstance(a, nn.Parameter):
                 pairs.append((a, b))
@@ -114,7 +116,10 @@ def add_lora(transformer: nn.Module, settings: LoraSettings) -> None:
     transformer.add_adapter(lora_config(settings, dropout=settings.dropout), ADAPTER)
     _reinit_partitioned_lora(transformer, ADAPTER)
     if settings.ema_adapter:
-        transformer.add_adapter(lora_config(settings, dropout=0.0), EMA_ADAPTER)
+        with warnings.catch_warnings():
+            # peft warns that a second adapter is being added, which is the point here.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            transformer.add_adapter(lora_config(settings, dropout=0.0), EMA_ADAPTER)
         pairs = adapter_pairs(transformer)
         with gathered([p for pair in pairs for p in pair], modify=True), torch.no_grad():
             for ema, src in pairs:

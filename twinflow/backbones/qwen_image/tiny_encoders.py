@@ -165,7 +165,7 @@ def build_tiny_vae(seed: int = 0) -> AutoencoderKLQwenImage:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = AutoencoderKLQwenImage(
-            base_dim=8,
+            base_dim=4,
             z_dim=TINY_LATENT_CHANNELS,
             dim_mult=[1, 2, 2, 2],
             num_res_blocks=1,

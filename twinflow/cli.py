@@ -1,0 +1,265 @@
+"""The ``twinflow`` command: ``memory-plan``, ``train``, ``export``, ``sample`` and ``demo``.
+
+Subcommands live in a registry (:func:`register`), so a component can add its own without editing the
+parser; each one imports its heavy dependencies (torch, diffusers, DeepSpeed) only when it runs, so
+``twinflow --help`` and configuration errors answer immediately.
+
+Errors a user can fix (a bad config key, a missing file, an absent optional component) are printed as
+one ``twinflow <subcommand>: error: ...`` line with exit code 2 and no traceback; a memory plan that
+does not fit exits with 1.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from twinflow.utils.typed_config import ConfigError
+
+EXIT_OK, EXIT_DOES_NOT_FIT, EXIT_USAGE = 0, 1, 2
+
+
+class CLIError(Exception):
+    """A problem the user can fix; reported without a traceback."""
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One ``twinflow <name>``: ``configure`` adds its arguments, ``run`` returns the exit code."""
+
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {}
+
+
+def register(command: Subcommand) -> Subcommand:
+    """Add a subcommand (a name can be registered once)."""
+    if command.name in SUBCOMMANDS:
+        raise ValueError(f"subcommand {command.name!r} is already registered")
+    SUBCOMMANDS[command.name] = command
+    return command
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="training config YAML (e.g. configs/qwen_image_full.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.micro_batch_size=2")
+
+
+def _load_config(args: argparse.Namespace):
+    from twinflow.training.config import load_train_config
+
+    return load_train_config(args.config, args.overrides)
+
+
+# ------------------------------------------------------------------------------------ memory-plan
+
+
+def _configure_memory_plan(p: argparse.ArgumentParser) -> None:
+    _add_config_arguments(p)
+    p.add_argument("--world-size", type=int, default=8, help="number of GPUs (ZeRO-3 ranks); default 8")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="device memory per GPU in GiB (as torch reports it); default 80")
+    p.add_argument("--text-tokens", type=int, default=512,
+                   help="text tokens per row the batch is padded to (Qwen-Image's default max_sequence_length: 512)")
+    p.add_argument("--cuda-context", type=float, default=2.0, help="GiB assumed for CUDA context, NCCL and workspaces")
+    p.add_argument("--fragmentation", type=float, default=0.10, help="fraction of allocated memory assumed lost to fragmentation")
+
+
+def _run_memory_plan(args: argparse.Namespace) -> int:
+    config = _load_config(args)
+    from twinflow.training.memory_plan import plan_from_config
+
+    plan = plan_from_config(
+        config, args.world_size, args.gpu_mem, text_tokens=args.text_tokens, cuda_context_gib=args.cuda_context,
+        fragmentation=args.fragmentation, config_name=str(args.config),
+    )
+    print(plan.format_table())
+    return EXIT_OK if plan.fits else EXIT_DOES_NOT_FIT
+
+
+# ------------------------------------------------------------------------------------------ train
+
+
+def _configure_train(p: argparse.ArgumentParser) -> None:
+    _add_config_arguments(p)
+    p.add_argument("--num-gpus", type=int, default=None,
+                   help="ranks to launch; default: every visible GPU, or 2 CPU ranks (DS_ACCELERATOR=cpu) without one")
+    p.add_argument("--dry-run", action="store_true", help="print the launcher command without running it")
+
+
+def launch_command(config: str, overrides: Sequence[str], num_gpus: int | None, gpu_count: int) -> tuple[list[str], dict[str, str]]:
+    """The DeepSpeed launcher command for ``python -m twinflow.train`` and the extra environment.
+
+    Without a GPU, 2 CPU ranks over gloo (``DS_ACCELERATOR=cpu``). ``--no_local_rank``: ranks read
+    ``LOCAL_RANK`` from the environment the launcher sets, so the training script's arguments are only
+    the config and its overrides.
+    """
+    env: dict[str, str] = {}
+    if gpu_count == 0:
+        env["DS_ACCELERATOR"] = "cpu"
+    ranks = num_gpus if num_gpus is not None else (gpu_count or 2)
+    if ranks < 1:
+        raise CLIError(f"--num-gpus must be >= 1, got {ranks}")
+    if gpu_count and ranks > gpu_count:
+        raise CLIError(f"--num-gpus {ranks} but only {gpu_count} GPU(s) are visible")
+    cmd = ["deepspeed", "--num_gpus", str(ranks), "--num_nodes", "1", "--no_local_rank",
+           "--module", "twinflow.train", "--config", str(config), *overrides]
+    return cmd, env
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    _load_config(args)  # fail here, with the key named, rather than in every rank
+    import shutil
+
+    import torch
+
+    cmd, env = launch_command(args.config, args.overrides, args.num_gpus, torch.cuda.device_count())
+    shown = " ".join(f"{k}={v}" for k, v in env.items())
+    print(f"twinflow train: running: {(shown + ' ') if shown else ''}{shlex.join(cmd)}", flush=True)
+    if args.dry_run:
+        return EXIT_OK
+    if shutil.which(cmd[0]) is None:
+        raise CLIError("the 'deepspeed' launcher is not on PATH; install DeepSpeed (see the README)")
+    os.execvpe(cmd[0], cmd, {**os.environ, **env})
+    return EXIT_OK  # not reached: exec replaces this process
+
+
+# ----------------------------------------------------------------------------------------- export
+
+
+def _configure_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of twinflow.training.export (see its --help)")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    main = _optional_entry_point("twinflow.training.export", "export")
+    return int(main(args.args) or 0)
+
+
+# ----------------------------------------------------------------------------------------- sample
+
+
+def _configure_sample(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="exported model folder (transformer/, text_encoder/, tokenizer/, vae/)")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    p.add_argument("--preset", action="append", default=None,
+                   help="sampler preset (repeatable; default: one_step few_step any_step multi_step)")
+    p.add_argument("--output", default="samples", help="folder for the PNGs (default: ./samples)")
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from twinflow.backbones.qwen_image.config import QwenImageBackboneConfig, build_qwen_image_backbone
+    from twinflow.backbones.qwen_image.encoders import QwenImageConditioner
+    from twinflow.sampling import SAMPLER_PRESETS
+    from twinflow.training.observability import SamplePrompts, write_sample_grids
+
+    presets = args.preset or ["one_step", "few_step", "any_step", "multi_step"]
+    unknown = [p for p in presets if p not in SAMPLER_PRESETS]
+    if unknown:
+        raise CLIError(f"unknown --preset {unknown}; choose from {sorted(SAMPLER_PRESETS)}")
+    for key in ("height", "width"):
+        if getattr(args, key) < 16 or getattr(args, key) % 16:
+            raise CLIError(f"--{key} must be a positive multiple of 16, got {getattr(args, key)}")
+    if not Path(args.model).is_dir():
+        raise CLIError(f"--model {args.model}: no such folder")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype_name = "bfloat16" if device.type == "cuda" else "float32"
+    backbone = build_qwen_image_backbone(QwenImageBackboneConfig(pretrained=args.model, dtype=dtype_name), device)
+    conditioner = QwenImageConditioner.from_pretrained(
+        args.model, text_encoder_dtype=getattr(torch, dtype_name), vae_dtype=getattr(torch, dtype_name), device=device
+    )
+    factor = conditioner.vae_scale_factor
+    prompts = SamplePrompts(
+        conditioner.encode_prompts(args.prompt), list(args.prompt),
+        (conditioner.latent_channels, args.height // factor, args.width // factor), conditioner.latents_to_pixels,
+    )
+    written = write_sample_grids(args.output, "sample", backbone.eval(), prompts, presets, device=device, seed=args.seed)
+    for path in written.values():
+        print(path)
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------- demo
+
+
+def _configure_passthrough(p: argparse.ArgumentParser) -> None:
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed on unchanged")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    main = _optional_entry_point("twinflow.demo.main", "demo")
+    return int(main(args.args) or 0)
+
+
+def _optional_entry_point(module: str, what: str) -> Callable[[list[str]], int | None]:
+    """``module.main``, imported on use; a clear error when this checkout does not have it."""
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is not None and module.startswith(e.name):
+            raise CLIError(f"'{what}' is not available in this installation ({module} is missing)") from e
+        raise
+    main = getattr(mod, "main", None)
+    if main is None:
+        raise CLIError(f"'{what}' is not available in this installation ({module} has no main())")
+    return main
+
+
+register(Subcommand("memory-plan", "per-GPU memory budget of a training config under ZeRO-3; exit 1 if it does not fit",
+                    _configure_memory_plan, _run_memory_plan))
+register(Subcommand("train", "launch training with the DeepSpeed launcher (all GPUs, or 2 CPU ranks)",
+                    _configure_train, _run_train))
+register(Subcommand("export", "export a checkpoint as a diffusers model folder", _configure_export, _run_export))
+register(Subcommand("sample", "sample PNGs from an exported model folder", _configure_sample, _run_sample))
+register(Subcommand("demo", "run the end-to-end demo", _configure_passthrough, _run_demo))
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="twinflow", description="TwinFlow training and sampling for Qwen-Image.")
+    subparsers = parser.add_subparsers(dest="command", metavar="<subcommand>", required=True)
+    for command in SUBCOMMANDS.values():
+        sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
+        command.configure(sub)
+        sub.set_defaults(_command=command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``twinflow`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command: Subcommand = args._command
+    try:
+        return command.run(args)
+    except (ConfigError, CLIError, FileNotFoundError) as e:
+        print(f"twinflow {command.name}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:
+        # The data pipeline's DataError (unusable cache or data) is a user-facing message too; it is
+        # matched without importing the data package, which only the subcommand itself may need.
+        data_error = getattr(sys.modules.get("twinflow.data.stats"), "DataError", None)
+        if data_error is not None and isinstance(e, data_error):
+            print(f"twinflow {command.name}: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

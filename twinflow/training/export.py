@@ -1,0 +1,209 @@
+"""Export a run's transformer (online or EMA weights) as a diffusers model folder, or its LoRA adapter.
+
+Two sources, one writer:
+
+* a live run (:func:`export_from_trainer`, collective): each parameter is gathered in turn with
+  ``deepspeed.zero.GatheredParameters`` and copied to rank 0's CPU; for the EMA the gathering runs inside
+  the teacher's session, i.e. with the EMA shards swapped into the partitions (full models) or with the
+  ``ema`` adapter present in the gathered state (LoRA). At most one gathered parameter exists at a time.
+* a checkpoint (:func:`export_checkpoint`, one process, no DeepSpeed): every rank's saved partitions
+  are concatenated per parameter using the layout recorded in ``meta.json``. This is what
+  ``twinflow export --checkpoint DIR --out DIR`` runs.
+
+The writer (rank 0) builds the transformer on the ``meta`` device from its config, assigns the
+consolidated weights (so no second random initialisation of a 20B model), and writes into a temporary
+folder renamed into place at the end. Full models: ``save_pretrained`` (safetensors), loadable with
+``TwinFlowQwenImageTransformer.from_pretrained``. LoRA: the adapter through diffusers/peft
+``save_lora_adapter`` under ``lora/``, plus, with ``merge_lora``, the merged transformer under
+``transformer/``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from twinflow.utils.typed_config import from_dict
+
+Weights = Literal["online", "ema"]
+BACKBONE_PREFIX = "transformer."
+
+
+class ExportError(RuntimeError):
+    """The requested export is not possible; the message says why."""
+
+
+# --------------------------------------------------------------------------------------------- writer
+def _plain_transformer(transformer_config: dict[str, Any], model_config: Any) -> nn.Module:
+    """The transformer (with LoRA layers when configured) on the meta device, weights unset."""
+    from twinflow.backbones.qwen_image.transformer import TwinFlowQwenImageTransformer
+
+    with torch.device("meta"):
+        transformer = TwinFlowQwenImageTransformer.from_config(transformer_config)
+        if model_config.lora.enabled:
+            from twinflow.backbones.qwen_image.lora import add_lora
+
+            add_lora(transformer, model_config.lora)
+    return transformer
+
+
+def write_export(state: dict[str, torch.Tensor], transformer_config: dict[str, Any], model_config: Any,
+                 out: str | Path, *, weights: Weights, merge_lora: bool = False) -> Path:
+    """Write ``state`` (the transformer's full state dict) as described in the module docstring."""
+    from twinflow.backbones.qwen_image.lora import ADAPTER, EMA_ADAPTER
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    transformer = _plain_transformer(transformer_config, model_config)
+    dtype = model_config.torch_dtype
+    transformer.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    if model_config.lora.enabled:
+        adapter = EMA_ADAPTER if weights == "ema" else ADAPTER
+        transformer.save_lora_adapter(str(tmp / "lora"), adapter_name=adapter)
+        if merge_lora:
+            transformer.fuse_lora(adapter_names=[adapter])
+            transformer.unload_lora()
+            transformer.save_pretrained(str(tmp / "transformer"), safe_serialization=True)
+    else:
+        if merge_lora:
+            raise ExportError("merge_lora is for LoRA runs; this model has no adapters")
+        transformer.save_pretrained(str(tmp), safe_serialization=True)
+    (tmp / "twinflow_export.json").write_text(json.dumps({"weights": weights, "merged_lora": merge_lora}, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.rename(tmp, out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- live runs
+def gather_transformer_state(backbone: nn.Module, rank: int) -> Optional[dict[str, torch.Tensor]]:
+    """Collective: the transformer's full state dict on rank 0 (CPU), ``None`` elsewhere."""
+    import deepspeed
+
+    state: dict[str, torch.Tensor] = {}
+    transformer = backbone.transformer
+    for name, param in transformer.named_parameters():
+        with deepspeed.zero.GatheredParameters([param]):
+            if rank == 0:
+                state[name] = param.detach().to("cpu", copy=True)
+    if rank == 0:
+        for name, buf in transformer.named_buffers():
+            state.setdefault(name, buf.detach().to("cpu", copy=True))
+        return state
+    return None
+
+
+def export_from_trainer(trainer: Any, out: str | Path, *, weights: Weights = "ema", merge_lora: bool = False) -> Optional[Path]:
+    """Collective: export ``trainer``'s current online or EMA (teacher) weights; the path on rank 0."""
+    if weights == "ema":
+        if trainer.config.method.ema_decay_rate == 0.0:
+            raise ExportError("weights='ema' but method.ema_decay_rate is 0: the run has no EMA teacher")
+        with trainer.teacher.session():
+            state = gather_transformer_state(trainer.backbone, trainer.dist.rank)
+    else:
+        state = gather_transformer_state(trainer.backbone, trainer.dist.rank)
+    path = None
+    if trainer.dist.is_main:
+        path = write_export(state, dict(trainer.backbone.transformer.config), trainer.config.model, out,
+                            weights=weights, merge_lora=merge_lora)
+    from .distributed import barrier
+
+    barrier()
+    return path
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+def export_layout(backbone: nn.Module, optimizer: Any) -> dict[str, Any]:
+    """What :func:`export_checkpoint` needs to reassemble parameters from per-rank partitions; stored
+    in ``meta.json`` by the trainer."""
+    from .zero_ema import zero3_slots
+
+    layout: dict[str, Any] = {
+        "transformer_config": json.loads(json.dumps(dict(backbone.transformer.config), default=list)),
+        "trainable": [
+            {"name": s.name, "shape": list(s.param.ds_shape), "group": s.group, "offset": s.offset, "numel": s.numel}
+            for s in zero3_slots(backbone, optimizer)
+        ],
+    }
+    if getattr(backbone.transformer, "peft_config", None):
+        from twinflow.backbones.qwen_image.lora import adapter_pairs
+
+        names = {id(p): n for n, p in backbone.named_parameters()}
+        layout["lora_ema"] = [
+            {"name": names[id(ema)], "shape": list(ema.ds_shape), "numel": ema.ds_tensor.numel()}
+            for ema, _ in adapter_pairs(backbone)
+        ]
+    return layout
+
+
+def _assemble(pieces: list[torch.Tensor], shape: list[int]) -> torch.Tensor:
+    numel = 1
+    for d in shape:
+        numel *= d
+    return torch.cat([p.reshape(-1) for p in pieces])[:numel].view(shape)
+
+
+def consolidate_checkpoint(checkpoint: str | Path, weights: Weights) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(meta, weights by backbone parameter name)`` reassembled from a checkpoint's partitions."""
+    ckpt = Path(checkpoint)
+    meta_path = ckpt / "meta.json"
+    if not meta_path.is_file():
+        raise ExportError(f"{ckpt} is not a complete checkpoint (no meta.json)")
+    meta = json.loads(meta_path.read_text())
+    layout = meta["layout"]
+    ranks = [load_file(str(ckpt / f"rank-{r:05d}.safetensors")) for r in range(meta["world_size"])]
+    lora = "lora_ema" in layout
+    if weights == "ema" and not lora and "teacher.tensors.ema.0" not in ranks[0]:
+        raise ExportError(f"{ckpt} holds no EMA shards (method.ema_decay_rate was 0 or 1); export weights='online'")
+    source = "teacher.tensors.ema" if weights == "ema" and not lora else "master"
+    out = {}
+    for entry in layout["trainable"]:
+        key = f"{source}.{entry['group']}"
+        pieces = [r[key].narrow(0, entry["offset"], entry["numel"]) for r in ranks]
+        out[entry["name"]] = _assemble(pieces, entry["shape"])
+    for i, entry in enumerate(layout.get("lora_ema", [])):
+        out[entry["name"]] = _assemble([r[f"teacher.ema_adapter.{i}"] for r in ranks], entry["shape"])
+    return meta, out
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, *, weights: Weights = "ema", merge_lora: bool = False) -> Path:
+    """Export from a checkpoint folder in this process (no DeepSpeed, no GPU). Parameters the run did
+    not train (a LoRA run's base model) come from ``model.pretrained`` of the run's config."""
+    from twinflow.backbones.qwen_image.config import QwenImageBackboneConfig
+
+    meta, trained = consolidate_checkpoint(checkpoint, weights)
+    model_config = from_dict(QwenImageBackboneConfig, meta["config"]["model"], prefix="model.")
+    transformer_config = meta["layout"]["transformer_config"]
+    state = {k[len(BACKBONE_PREFIX):]: v for k, v in trained.items()}
+    expected = set(_plain_transformer(transformer_config, model_config).state_dict())
+    missing = sorted(expected - set(state))
+    if missing:
+        if model_config.pretrained is None:
+            raise ExportError(f"checkpoint {checkpoint} lacks untrained parameters {missing[:5]}... and the run had no model.pretrained")
+        from twinflow.backbones.qwen_image.config import build_qwen_image_backbone
+
+        base = build_qwen_image_backbone(model_config, "cpu").transformer.state_dict()
+        state.update({k: base[k] for k in missing})
+    return write_export(state, transformer_config, model_config, out, weights=weights, merge_lora=merge_lora)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``twinflow export --checkpoint DIR --out DIR [--weights ema|online] [--merge-lora]``."""
+    parser = argparse.ArgumentParser(prog="twinflow export", description=main.__doc__)
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint folder (…/checkpoints/step_XXXXXXXX)")
+    parser.add_argument("--out", required=True, help="the folder to write")
+    parser.add_argument("--weights", choices=["ema", "online"], default="ema")
+    parser.add_argument("--merge-lora", action="store_true", help="LoRA runs: also write the merged transformer")
+    args = parser.parse_args(argv)
+    path = export_checkpoint(args.checkpoint, args.out, weights=args.weights, merge_lora=args.merge_lora)
+    print(f"exported {args.weights} weights to {path}")
+    return 0
