@@ -2,7 +2,6 @@
 the subcommand registry, and ``sample`` end to end on a tiny exported model folder."""
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -72,10 +71,19 @@ def test_optional_components_fail_clearly_when_absent():
         cli._optional_entry_point("twinflow.no_such_module", "export")
     with pytest.raises(cli.CLIError, match="has no main"):
         cli._optional_entry_point("twinflow.utils.typed_config", "demo")
-    assert isinstance(cli.SUBCOMMANDS["demo"].run, type(lambda: 0))
-    parser = cli.build_parser()
-    args = parser.parse_args(["demo", "--fast", "x"])
-    assert args.args == ["--fast", "x"] and isinstance(args, argparse.Namespace)
+
+
+def test_passthrough_commands_hand_on_every_argument(capsys):
+    seen = []
+    cli.register(cli.Subcommand("pass-test", "test", lambda p: None, lambda a: seen.append(a.args) or 0, passthrough=True))
+    try:
+        assert cli.main(["pass-test", "--help", "--fast", "x"]) == 0
+        assert seen == [["--help", "--fast", "x"]]
+    finally:
+        del cli.SUBCOMMANDS["pass-test"]
+    with pytest.raises(SystemExit):
+        cli.main(["memory-plan", "--config", "c.yaml", "--no-such-flag"])
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
 
 
 def test_sample_writes_one_grid_per_preset(tmp_path, capsys):
@@ -90,7 +98,7 @@ def test_sample_writes_one_grid_per_preset(tmp_path, capsys):
                      "--preset", "one_step", "--preset", "few_step", "--height", "64", "--width", "64",
                      "--output", str(out)])
     assert code == 0
-    paths = capsys.readouterr().out.split()
+    paths = [line for line in capsys.readouterr().out.splitlines() if line.endswith(".png")]
     assert [Path(p).name for p in paths] == ["sample_one_step.png", "sample_few_step.png"]
     for path, nfe in zip(paths, (1, 2)):
         with Image.open(path) as grid:

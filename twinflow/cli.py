@@ -30,12 +30,17 @@ class CLIError(Exception):
 
 @dataclass(frozen=True)
 class Subcommand:
-    """One ``twinflow <name>``: ``configure`` adds its arguments, ``run`` returns the exit code."""
+    """One ``twinflow <name>``: ``configure`` adds its arguments, ``run`` returns the exit code.
+
+    A ``passthrough`` command parses nothing itself: every argument after its name reaches ``run`` as
+    ``args.args`` (for components with their own parser, e.g. ``demo``, ``export``).
+    """
 
     name: str
     help: str
     configure: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+    passthrough: bool = False
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {}
@@ -135,10 +140,6 @@ def _run_train(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------- export
 
 
-def _configure_export(p: argparse.ArgumentParser) -> None:
-    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of twinflow.training.export (see its --help)")
-
-
 def _run_export(args: argparse.Namespace) -> int:
     main = _optional_entry_point("twinflow.training.export", "export")
     return int(main(args.args) or 0)
@@ -197,7 +198,7 @@ def _run_sample(args: argparse.Namespace) -> int:
 
 
 def _configure_passthrough(p: argparse.ArgumentParser) -> None:
-    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed on unchanged")
+    p.epilog = "every argument after the subcommand is passed on unchanged"
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -223,9 +224,10 @@ register(Subcommand("memory-plan", "per-GPU memory budget of a training config u
                     _configure_memory_plan, _run_memory_plan))
 register(Subcommand("train", "launch training with the DeepSpeed launcher (all GPUs, or 2 CPU ranks)",
                     _configure_train, _run_train))
-register(Subcommand("export", "export a checkpoint as a diffusers model folder", _configure_export, _run_export))
+register(Subcommand("export", "export a checkpoint as a diffusers model folder", _configure_passthrough, _run_export,
+                    passthrough=True))
 register(Subcommand("sample", "sample PNGs from an exported model folder", _configure_sample, _run_sample))
-register(Subcommand("demo", "run the end-to-end demo", _configure_passthrough, _run_demo))
+register(Subcommand("demo", "run the end-to-end demo", _configure_passthrough, _run_demo, passthrough=True))
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -235,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="twinflow", description="TwinFlow training and sampling for Qwen-Image.")
     subparsers = parser.add_subparsers(dest="command", metavar="<subcommand>", required=True)
     for command in SUBCOMMANDS.values():
-        sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
+        sub = subparsers.add_parser(command.name, help=command.help, description=command.help,
+                                    add_help=not command.passthrough)
         command.configure(sub)
         sub.set_defaults(_command=command)
     return parser
@@ -244,8 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``twinflow`` console script; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
     command: Subcommand = args._command
+    if command.passthrough:
+        args.args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return command.run(args)
     except (ConfigError, CLIError, FileNotFoundError) as e:

@@ -100,7 +100,7 @@ def main() -> None:
         # model's own one-step samples). The tiny_cpu runs below train the full TwinFlow objective.
         "method.preset=flow_matching",
         "method.ema_decay_rate=0.9",
-        "optim.lr=3e-3",
+        "optim.lr=3.0e-3",
         "optim.warmup_steps=0",
         "optim.schedule=constant",
         "deepspeed.extra={zero_optimization: {stage3_param_persistence_threshold: 100000, "
