@@ -93,14 +93,7 @@ class TimingPlan:
     warmup: int
 
 
-def plan_for(seconds_per_call: float, profile: str) -> TimingPlan:
-    """Rounds sized from one timed call: on GPU each round lasts at least ~20 ms (so a single
-    synchronisation is noise) and the whole measurement roughly 0.5-2 s; smoke runs do 3 rounds."""
-    if profile == "smoke":
-        return TimingPlan(rounds=3, iterations=1, warmup=1)
-    iterations = max(1, math.ceil(0.02 / max(seconds_per_call, 1e-7)))
-    rounds = max(5, min(20, math.ceil(0.5 / max(seconds_per_call * iterations, 1e-7))))
-    return TimingPlan(rounds=rounds, iterations=iterations, warmup=2)
+SMOKE_PLAN = TimingPlan(rounds=2, iterations=1, warmup=0)
 
 
 def time_once(fn: Callable[[], object], device: torch.device) -> float:
@@ -109,6 +102,18 @@ def time_once(fn: Callable[[], object], device: torch.device) -> float:
     fn()
     synchronize(device)
     return time.perf_counter() - start
+
+
+def plan_for(fn: Callable[[], object], device: torch.device, profile: str) -> TimingPlan:
+    """How to time an already warm ``fn``. Smoke runs do 2 single-call rounds: they check the harness,
+    and the interpreted kernels take ~0.1-0.5 s a call. On GPU the rounds are sized from one timed call:
+    each round lasts at least ~20 ms (so its one synchronisation is noise), 5-20 rounds, ~0.5 s in all."""
+    if profile == "smoke":
+        return SMOKE_PLAN
+    seconds = time_once(fn, device)
+    iterations = max(1, math.ceil(0.02 / max(seconds, 1e-7)))
+    rounds = max(5, min(20, math.ceil(0.5 / max(seconds * iterations, 1e-7))))
+    return TimingPlan(rounds=rounds, iterations=iterations, warmup=2)
 
 
 @dataclass(frozen=True)
@@ -160,8 +165,9 @@ def copy_bandwidth(device: torch.device, profile: str) -> dict:
     nbytes = 2 * 1024**3 if profile == "gpu" else 64 * 1024**2
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    first = time_once(lambda: dst.copy_(src), device)
-    timing = measure(lambda: dst.copy_(src), device, plan_for(first, profile))
+    copy = lambda: dst.copy_(src)  # noqa: E731
+    copy()
+    timing = measure(copy, device, plan_for(copy, device, profile))
     moved = 2 * nbytes
     del src, dst
     if device.type == "cuda":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -56,6 +57,9 @@ def environment(device: torch.device) -> dict:
         "git_local_changes": None if status is None else bool(status),
         "device": device_name(device),
         "device_type": device.type,
+        # Other processes share a CPU machine; the load says how much the CPU smoke timings can be trusted.
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "torch_threads": torch.get_num_threads(),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -200,8 +204,8 @@ def _fmt_time(seconds: float) -> str:
 
 def summary_lines(record: dict) -> list[str]:
     """Human-readable summary of a run record (printed by pytest and by run_gpu.py)."""
-    lines = [f"device: {record['device']}; profile: {record['profile']}; versions: "
-             + ", ".join(f"{k} {v}" for k, v in record["versions"].items()),
+    lines = [f"device: {record['device']} (load average {record['load_average_1m']}); profile: {record['profile']}; "
+             "versions: " + ", ".join(f"{k} {v}" for k, v in record["versions"].items()),
              f"timer: {record['timer']}"]
     if record["copy_bandwidth"]:
         lines.append(f"copy bandwidth: {record['copy_bandwidth']['gbps']:.1f} GB/s "
@@ -210,7 +214,7 @@ def summary_lines(record: dict) -> list[str]:
         lines.append("CPU SMOKE: sizes check the harness; fused kernels run in Triton's interpreter. Not performance claims.")
     for m in record["measurements"]:
         if m["kind"] == "kernel":
-            bw = f"  {m['gbps']:.2f} GB/s = {m['copy_fraction']:.1%} of copy" if m["gbps"] is not None else ""
+            bw = f"  {m['gbps']:.3g} GB/s = {m['copy_fraction']:.3g} of copy" if m["gbps"] is not None else ""
             lines.append(f"  {m['kernel']:<20} {m['case']:<32} {m['pass']:<8} {m['variant']:<8} "
                          f"{_fmt_time(m['median_s']):>10}{bw}")
         else:

@@ -10,20 +10,21 @@ Each row of ``F`` (B, ...) is flattened to ``n`` elements. The per-element work 
 error) is memory-bound over the B x n elements; the per-row work (time weight, Barron weight, means)
 touches B values. So the forward is two launches:
 
-1. ``_rows_kernel``, grid ``(ceil(n / BLOCK), B)``: one program reads one BLOCK-wide slice of one row of
+1. the rows kernel (``_rows_body``), grid ``(ceil(n / BLOCK), B)``: one program reads one BLOCK-wide slice of one row of
    ``F``, ``target`` and, only where the row uses them, ``v_c``/``v_u`` (guided rows), ``rcgm_acc``
    (non-adv rows) and ``rect_diff`` (the first E rows); it builds the final target ``y`` and writes the
    partial sums of ``(F - y)^2`` and of the rectification error ``(F - (F - clamp(diff)))^2`` to a
    (B, blocks, 2) buffer (stage one of a two-stage reduction: no atomics, deterministic).
-2. ``_epilogue_kernel``, one program: sums the partials per row, then computes the per-row MSE, loss
+2. the epilogue kernel (``_epilogue_body``), one program: sums the partials per row, then computes the per-row MSE, loss
    weight (l2, or Barron's detached weight), time weight, both means, and the per-row gradient
    coefficients the backward needs.
 
-The backward is one launch, ``_grad_kernel``, same grid as (1):
+The backward is one launch of the gradient kernel (``_grad_body``), same grid as (1):
 ``dF = g_base * a_row * (F - y) + g_rect * b_row * (F - y_rect)``, written in ``F``'s dtype, where
 ``a_row = 2/n * w_time * w_loss / max(count, 1)`` on ``loss_rows`` (0 elsewhere) and
 ``b_row = 2/n * w_loss_rect * dist_match_cof / E`` on the e2e rows. The targets are constants (see
-loss_math.py), so ``F`` is the only input that receives a gradient.
+loss_math.py), so ``F`` is the only input that receives a gradient; the backward is not itself
+differentiable (no double backward).
 
 What the backward reads: the residuals ``F - y`` (B x n) and ``F - y_rect`` (E x n), saved in float32
 by the forward when ``F`` requires grad. The alternative, recomputing ``y`` in the backward, would keep
@@ -58,6 +59,7 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 from triton.language.extra import libdevice
 
 from twinflow.method.loss_math import LossArithmetic, twinflow_loss_reference
@@ -239,6 +241,8 @@ def _grad_body(
 
 
 class _Kernels(NamedTuple):
+    """The three jitted kernels of one Triton mode (compiled or interpreted)."""
+
     rows: triton.JITFunction
     epilogue: triton.JITFunction
     grad: triton.JITFunction
@@ -262,18 +266,22 @@ def _as_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _row_stride(x: Optional[torch.Tensor]) -> int:
+    """Row stride of a (rows, n) input; 0 for an absent one (its loads are compiled out)."""
     return x.stride(0) if x is not None else 0
 
 
 def _block(n: int) -> int:
+    """Columns per program: the row rounded up to a power of two, between 16 and ``_MAX_BLOCK``."""
     return max(16, min(_MAX_BLOCK, triton.next_power_of_2(n)))
 
 
 def _num_warps(block: int) -> int:
+    """Four warps for full blocks; one for short rows, where more would idle."""
     return 4 if block >= 512 else 1
 
 
 def _loss_mode(arith: LossArithmetic) -> int:
+    """The epilogue's constexpr loss mode, with the reference's alpha == 2 test."""
     if arith.loss.type == "l2":
         return _L2
     return _BARRON_CONSTANT if abs(arith.loss.alpha - 2.0) < 1e-5 else _BARRON
@@ -387,6 +395,7 @@ def _forward(
 
 
 def _or(x: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
+    """A pointer argument for an optional tensor: Triton needs a tensor even where it is never used."""
     return x if x is not None else fallback
 
 
@@ -411,7 +420,10 @@ class _TwinFlowLossFn(torch.autograd.Function):
     """Autograd wrapper: gradient to ``F`` only (targets and teacher outputs are constants)."""
 
     @staticmethod
-    def forward(ctx, F, target, t, tt, adv, loss_rows, arith, v_c, v_u, rcgm_acc, rect_diff):
+    def forward(ctx, F: torch.Tensor, target: torch.Tensor, t: torch.Tensor, tt: torch.Tensor, adv: torch.Tensor,
+                loss_rows: torch.Tensor, arith: LossArithmetic, v_c: Optional[torch.Tensor],
+                v_u: Optional[torch.Tensor], rcgm_acc: Optional[torch.Tensor],
+                rect_diff: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         save = ctx.needs_input_grad[0]
         out = _forward(F, target, t, tt, adv, loss_rows, arith, v_c, v_u, rcgm_acc, rect_diff, save)
         ctx.save_for_backward(out.coef, out.res, out.rres)
@@ -419,7 +431,8 @@ class _TwinFlowLossFn(torch.autograd.Function):
         return out.base, out.rect
 
     @staticmethod
-    def backward(ctx, g_base, g_rect):
+    @once_differentiable
+    def backward(ctx, g_base: torch.Tensor, g_rect: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         coef, res, rres = ctx.saved_tensors
         dF = _grad(coef, res, rres, g_base, g_rect, ctx.f_dtype).view(ctx.f_shape)
         return (dF,) + (None,) * 10

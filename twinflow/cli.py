@@ -71,7 +71,7 @@ def _load_config(args: argparse.Namespace):
 def _configure_memory_plan(p: argparse.ArgumentParser) -> None:
     _add_config_arguments(p)
     p.add_argument("--world-size", type=int, default=8, help="number of GPUs (ZeRO-3 ranks); default 8")
-    p.add_argument("--gpu-mem", type=float, default=80.0, help="device memory per GPU in GiB (as torch reports it); default 80")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="device memory per GPU in GiB (torch.cuda.get_device_properties(0).total_memory / 2**30); default 80")
     p.add_argument("--text-tokens", type=int, default=512,
                    help="text tokens per row the batch is padded to (Qwen-Image's default max_sequence_length: 512)")
     p.add_argument("--cuda-context", type=float, default=2.0, help="GiB assumed for CUDA context, NCCL and workspaces")

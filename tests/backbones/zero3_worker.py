@@ -123,6 +123,7 @@ def run(rank: int, port: int, failures) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    torch.set_num_threads(1)  # two ranks on a small CPU machine: oversubscribed threads stall the collectives
     try:
         import deepspeed
 

@@ -188,7 +188,7 @@ def test_equal_times_give_the_first_embedder(device, dtype):
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("batch", "width"), [(1, 32), (5, 48), (33, 96), (64, 96)])
+@pytest.mark.parametrize(("batch", "width"), [(1, 32), (5, 48), (64, 96)])
 def test_gradients_match_eager_autograd(device, batch, width, dtype, poisoned_allocations):
     e1, e2 = make_embedders(width, dtype, device, seed=batch)
     t, tt = make_times(batch, device, seed=batch)

@@ -7,7 +7,7 @@ poisoned allocations, so an output or gradient element it fails to write is NaN 
 
 Tolerances (ALGORITHM.md §5): losses are float32 results from the same input values, so 1e-5 relative
 in every dtype; gradients are 1e-5 relative in float32 and are rounded to F's dtype otherwise (bf16:
-1e-2, fp16: 1e-3, about two units in the last place). An element's error is measured against the
+1e-2, fp16: 1e-3, one to two units in the last place). An element's error is measured against the
 larger of its own magnitude and the tensor's largest magnitude times the same factor: differences like
 ``F - y`` round at the scale of the tensor's values, not at the scale of a result that happens to be 0.
 """

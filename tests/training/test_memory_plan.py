@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from twinflow.backbones.qwen_image.tiny import tiny_transformer_config
 from twinflow.backbones.qwen_image.transformer import TwinFlowQwenImageTransformer
@@ -25,6 +24,7 @@ from twinflow.training.memory_plan import (
     measure_block_saved_bytes_per_token,
     param_sizes_by_module,
     plan_for_model,
+    qwen_image_encoder_params,
     qwen_image_inventory,
 )
 
@@ -48,6 +48,9 @@ def test_qwen_image_20b_parameter_count():
     assert twin.total - single.total == (256 * d + d) + (d * d + d)  # time_text_embed_2: Linear(256, D), Linear(D, D)
     assert twin.num_blocks == 60
     assert twin.largest_module == 6 * d * d + 6 * d  # img_mod / txt_mod: Linear(D, 6D)
+    encoders = qwen_image_encoder_params()  # model cards: Qwen2.5-VL-7B 8.29B, Qwen-Image VAE 0.13B
+    assert abs(encoders["text_encoder"] - 8.29e9) / 8.29e9 < 0.01
+    assert abs(encoders["vae"] - 0.13e9) / 0.13e9 < 0.03
 
 
 def test_each_term_on_round_numbers():

@@ -33,18 +33,20 @@ Where each number comes from:
   ``ema_decay_rate == 1`` keeps the starting weights as a shadow only.
 * **Activations** with gradient checkpointing: the main forward (with grad) keeps each block's inputs
   (image and text hidden states, ``rows x tokens x D`` each in bf16) for all blocks, then backward
-  recomputes one block at a time. A block's saved tensors were measured with
+  recomputes one block at a time. A block's saved tensors were measured on CPU with
   ``torch.autograd.graph.saved_tensors_hooks`` on diffusers 0.42's ``QwenImageTransformerBlock``
-  (:func:`measure_block_saved_bytes_per_token`): ``58.125 * D + 8`` bytes per token and row, i.e. 29
-  D-wide bf16 tensors plus float32 RMSNorm and attention statistics (attention saves q, k, v, output and log-sum-exp:
-  memory-efficient attention, no score matrix). On top of that the plan *estimates* the gradient
+  (:func:`measure_block_saved_bytes_per_token`, widths 256 and 512): ``58.125 * D + 8`` bytes per
+  token and row, i.e. 29 D-wide bf16 tensors plus float32 RMSNorm and attention statistics (the
+  attention saves q, k, v, its output and the log-sum-exp, no score matrix, as the GPU's
+  memory-efficient kernels do). On top of that the plan *estimates* the gradient
   transients of a block's backward (10 D-wide bf16 tensors per token) and the live set of a block
   forward without grad (12 D-wide tensors per token; the teacher passes run without grad, so they need
   one block's working set at the batch of the largest teacher pass, which coexists with the main
   forward's checkpoints because the objective runs it between forward and backward).
-* **Encoders**: the Qwen2.5-VL text encoder and the VAE stay resident in bf16 on every rank unless
-  the run trains from the latent/text cache (``data.use_cache``); with the cache, only the VAE is kept
-  when sample grids are rendered (``train.sample_every > 0``) to decode them.
+* **Encoders**: the Qwen2.5-VL text encoder and the VAE would stay resident in bf16 on every rank
+  unless the run trains from the latent/text cache (``data.use_cache``; the trainer requires it). With
+  the cache neither is on the GPU: sample grids encode their prompts and decode latents on rank 0's
+  CPU (:mod:`.observability`).
 * **Overheads** (assumptions, stated in the output): CUDA context, NCCL and library workspaces as a
   fixed amount, and allocator fragmentation as a fraction of everything allocated.
 
@@ -60,7 +62,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 import torch
@@ -438,12 +439,11 @@ def _model_state_terms(inv: ParamInventory, z: ZeroSettings) -> list[PlanTerm]:
     n = z.world_size
     part = inv.partition_numel(n)
     opt_dev = "cpu" if z.offload_optimizer else "gpu"
-    param_dev = "cpu" if z.offload_param else "gpu"
     sub = inv.largest_subgroup_partition(n, z.sub_group_size)
     persistent = inv.persistent_numel(z.param_persistence_threshold, z.model_persistence_threshold)
     terms = [
         PlanTerm("param_partition", "model states", f"parameters, {z.param_bytes}-byte partition", z.param_bytes * part,
-                 f"{z.param_bytes} B x {part:,} partition elements", device=param_dev),
+                 f"{z.param_bytes} B x {part:,} partition elements"),
         PlanTerm("persistent_params", "model states", "persistent parameters (kept gathered)", z.param_bytes * persistent,
                  f"{z.param_bytes} B x {persistent:,} (params <= {z.param_persistence_threshold:,} elements)"),
         PlanTerm("master_fp32", "model states", "fp32 master partition", 4 * part, f"4 B x {part:,}", device=opt_dev),
@@ -578,7 +578,8 @@ def plan_for_model(
         f"teacher: {teacher}"
         + {"ema": " (fp32 EMA + shadow shards, zero_ema.py)", "frozen": " (starting weights as a shadow shard)",
            "online": " (no extra weights)"}[teacher],
-        f"GPU memory: {gpu_mem_gib} GiB per device (pass what torch reports: an 80 GB H100 has 79.1 GiB)",
+        f"GPU memory: {gpu_mem_gib} GiB per device (--gpu-mem; pass what the target GPU reports, "
+        "torch.cuda.get_device_properties(0).total_memory / 2**30)",
         f"CUDA context + NCCL + workspaces {cuda_context_gib} GiB and allocator fragmentation {fragmentation:.0%} "
         "are assumptions, not measurements",
         "'estimate' terms are engineering estimates; 'measured' terms come from saved-tensor measurements of "

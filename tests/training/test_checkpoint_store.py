@@ -1,0 +1,126 @@
+"""The atomic checkpoint store, single process (a one-rank world: barriers are no-ops).
+
+The launcher tests kill real ranks mid-save; these pin the protocol's details quickly: what a crash at
+each point leaves behind, pruning, and what loading refuses.
+"""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from twinflow.training.checkpoint import (
+    CheckpointError,
+    CheckpointStore,
+    capture_rng,
+    join_tensors,
+    restore_rng,
+    split_tensors,
+)
+
+
+class Crash(Exception):
+    pass
+
+
+def _save(store: CheckpointStore, step: int, value: float) -> None:
+    store.save(step, {"master.0": torch.full((5,), value)}, {"data": {"position": step}}, {"note": "x"})
+
+
+def test_round_trip(tmp_path):
+    store = CheckpointStore(tmp_path, rank=0, world_size=1, keep_last=2)
+    _save(store, 3, 1.5)
+    assert store.latest() == tmp_path / "step_00000003"
+    meta, tensors, rank_data = store.load(store.latest())
+    assert meta["step"] == 3 and meta["note"] == "x" and meta["world_size"] == 1
+    assert torch.equal(tensors["master.0"], torch.full((5,), 1.5))
+    assert rank_data == {"data": {"position": 3}}
+    # Only safetensors and JSON: nothing that could be unpickled.
+    assert sorted(p.suffix for p in store.latest().iterdir()) == [".json", ".json", ".safetensors"]
+
+
+def test_crash_during_save_leaves_the_previous_checkpoint(tmp_path):
+    def crash(step: int) -> None:
+        if step == 4:
+            raise Crash
+
+    store = CheckpointStore(tmp_path, rank=0, world_size=1, keep_last=1, fault_after_rank_files=crash)
+    _save(store, 2, 2.0)
+    with pytest.raises(Crash):
+        _save(store, 4, 4.0)
+    assert (tmp_path / "latest").read_text().strip() == "step_00000002"
+    assert store.latest() == tmp_path / "step_00000002"
+    assert [p.name for p in store.complete_checkpoints()] == ["step_00000002"]
+    assert (tmp_path / ".tmp-step_00000004" / "rank-00000.safetensors").is_file()
+    # keep_last=1 did not prune step 2 before a newer checkpoint was complete.
+    assert torch.equal(store.load(store.latest())[1]["master.0"], torch.full((5,), 2.0))
+    # The next save removes the leftovers.
+    _save(store, 6, 6.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000006"]
+
+
+def test_keep_last_prunes_oldest_only_after_the_new_one_is_complete(tmp_path):
+    store = CheckpointStore(tmp_path, rank=0, world_size=1, keep_last=2)
+    for step in (1, 2, 3, 4):
+        _save(store, step, float(step))
+    assert [p.name for p in store.complete_checkpoints()] == ["step_00000003", "step_00000004"]
+
+
+def test_latest_without_pointer_falls_back_to_newest_complete(tmp_path):
+    store = CheckpointStore(tmp_path, rank=0, world_size=1, keep_last=3)
+    _save(store, 1, 1.0)
+    _save(store, 2, 2.0)
+    (tmp_path / "latest").unlink()  # a crash between the rename and the pointer update
+    assert store.latest() == tmp_path / "step_00000002"
+    assert CheckpointStore(tmp_path / "empty", 0, 1, 1).latest() is None
+
+
+def test_load_refuses_truncated_files_and_other_world_sizes(tmp_path):
+    store = CheckpointStore(tmp_path, rank=0, world_size=1, keep_last=2)
+    _save(store, 1, 1.0)
+    path = store.latest()
+    with pytest.raises(CheckpointError, match="written by 1 ranks; this run has 2"):
+        CheckpointStore(tmp_path, rank=0, world_size=2, keep_last=2).load(path)
+    file = path / "rank-00000.safetensors"
+    file.write_bytes(file.read_bytes()[:-7])
+    with pytest.raises(CheckpointError, match="rank-00000.safetensors is missing or truncated"):
+        store.load(path)
+    (path / "meta.json").unlink()
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        store.load(path)
+
+
+def test_load_refuses_foreign_meta(tmp_path):
+    store = CheckpointStore(tmp_path, rank=0, world_size=1, keep_last=2)
+    _save(store, 1, 1.0)
+    meta_path = store.latest() / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["format"] = "something-else"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="not a twinflow-zero3-checkpoint"):
+        store.load(store.latest())
+
+
+def test_split_and_join_tensors_round_trip():
+    state = {"schedule": {"decay": 0.5, "num_updates": 3}, "tensors": {"ema.0": torch.ones(3)}, "list": [torch.zeros(2), 7]}
+    tensors: dict[str, torch.Tensor] = {}
+    data = split_tensors(state, "teacher", tensors)
+    assert sorted(tensors) == ["teacher.list.0", "teacher.tensors.ema.0"]
+    json.dumps(data)  # plain data only
+    back = join_tensors(data, tensors)
+    assert back["schedule"] == state["schedule"] and back["list"][1] == 7
+    assert torch.equal(back["tensors"]["ema.0"], state["tensors"]["ema.0"])
+    with pytest.raises(CheckpointError, match="teacher.list.0"):
+        join_tensors(data, {"teacher.tensors.ema.0": torch.ones(3)})
+
+
+def test_rng_states_round_trip():
+    tensors, data = capture_rng(torch.device("cpu"))
+    data = json.loads(json.dumps(data))
+    expected = (torch.rand(3), random.random())
+    torch.rand(5)
+    random.random()
+    restore_rng(tensors, data, torch.device("cpu"))
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
