@@ -88,12 +88,13 @@ class E2ESize:
 
 def e2e_size(profile: str, num_layers: int = 4) -> E2ESize:
     """GPU: 512 px images (64x64 latents, 1024 image tokens), 128-token prompts and a short (6-token)
-    negative prompt, batch 8 (two rows per group), ``num_layers`` blocks. Smoke: the tiny 2-block model."""
+    negative prompt, batch 8 (two rows per group), ``num_layers`` blocks. Smoke: the tiny 2-block model,
+    one timed step (its Triton kernels run in the interpreter, several seconds a step)."""
     if profile == "gpu":
         return E2ESize(qwen_image_reduced(num_layers), "bfloat16", 8, (16, 64, 64), 128, 6, warmup_steps=3, steps=10)
     from twinflow.backbones.qwen_image.tiny import TINY_LATENT_CHANNELS, tiny_transformer_config
 
-    return E2ESize(tiny_transformer_config(), "float32", 4, (TINY_LATENT_CHANNELS, 16, 16), 8, 3, warmup_steps=1, steps=2)
+    return E2ESize(tiny_transformer_config(), "float32", 4, (TINY_LATENT_CHANNELS, 16, 16), 8, 3, warmup_steps=1, steps=1)
 
 
 def forward_flops(transformer: dict, image_tokens: int, text_tokens: int) -> int:

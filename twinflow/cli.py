@@ -149,7 +149,9 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _configure_sample(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="exported model folder (transformer/, text_encoder/, tokenizer/, vae/)")
+    p.add_argument("--model", required=True, help="the transformer: an exported folder (twinflow export) or a pipeline root")
+    p.add_argument("--encoders", default=None,
+                   help="Qwen-Image folder with text_encoder/, tokenizer/ and vae/ (default: --model)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
     p.add_argument("--preset", action="append", default=None,
                    help="sampler preset (repeatable; default: one_step few_step any_step multi_step)")
@@ -175,13 +177,15 @@ def _run_sample(args: argparse.Namespace) -> int:
     for key in ("height", "width"):
         if getattr(args, key) < 16 or getattr(args, key) % 16:
             raise CLIError(f"--{key} must be a positive multiple of 16, got {getattr(args, key)}")
-    if not Path(args.model).is_dir():
-        raise CLIError(f"--model {args.model}: no such folder")
+    for key in ("model", "encoders"):
+        folder = getattr(args, key)
+        if folder is not None and not Path(folder).is_dir():
+            raise CLIError(f"--{key} {folder}: no such folder")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = "bfloat16" if device.type == "cuda" else "float32"
     backbone = build_qwen_image_backbone(QwenImageBackboneConfig(pretrained=args.model, dtype=dtype_name), device)
     conditioner = QwenImageConditioner.from_pretrained(
-        args.model, text_encoder_dtype=getattr(torch, dtype_name), vae_dtype=getattr(torch, dtype_name), device=device
+        args.encoders or args.model, text_encoder_dtype=getattr(torch, dtype_name), vae_dtype=getattr(torch, dtype_name), device=device
     )
     factor = conditioner.vae_scale_factor
     prompts = SamplePrompts(
@@ -233,6 +237,20 @@ register(Subcommand("demo", "run the end-to-end demo", _configure_passthrough, _
 # ------------------------------------------------------------------------------------------- main
 
 
+USER_FACING_ERRORS = (("twinflow.data.stats", "DataError"), ("twinflow.training.export", "ExportError"))
+"""Other components' exceptions whose message is meant for the user (unusable data, impossible export)."""
+
+
+def _is_user_facing(error: Exception) -> bool:
+    """Whether ``error`` is one of :data:`USER_FACING_ERRORS`, looked up only in modules already
+    imported (a subcommand that raised one has imported its module; nothing is imported here)."""
+    for module, name in USER_FACING_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(error, cls):
+            return True
+    return False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="twinflow", description="TwinFlow training and sampling for Qwen-Image.")
     subparsers = parser.add_subparsers(dest="command", metavar="<subcommand>", required=True)
@@ -259,13 +277,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"twinflow {command.name}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as e:
-        # The data pipeline's DataError (unusable cache or data) is a user-facing message too; it is
-        # matched without importing the data package, which only the subcommand itself may need.
-        data_error = getattr(sys.modules.get("twinflow.data.stats"), "DataError", None)
-        if data_error is not None and isinstance(e, data_error):
-            print(f"twinflow {command.name}: error: {e}", file=sys.stderr)
-            return EXIT_USAGE
-        raise
+        if not _is_user_facing(e):
+            raise
+        print(f"twinflow {command.name}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ import torch
 from diffusers import QwenImageTransformer2DModel
 
 from twinflow.backbones.qwen_image import QwenCondition
-from twinflow.backbones.qwen_image.config import QwenImageBackboneConfig, build_qwen_image_backbone
+from twinflow.backbones.qwen_image.build import build_qwen_image_backbone
+from twinflow.backbones.qwen_image.config import QwenImageBackboneConfig
 from twinflow.backbones.qwen_image.tiny import TINY_LATENT_CHANNELS, tiny_transformer_config
 from twinflow.backbones.qwen_image.transformer import TwinFlowQwenImageTransformer
 from twinflow.utils.typed_config import from_dict

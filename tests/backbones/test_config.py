@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from twinflow.backbones.qwen_image.config import QwenImageBackboneConfig, build_qwen_image_backbone
+from twinflow.backbones.qwen_image.build import build_qwen_image_backbone
+from twinflow.backbones.qwen_image.config import QwenImageBackboneConfig
 from twinflow.backbones.qwen_image.tiny import tiny_transformer_config
 from twinflow.utils.typed_config import ConfigError, from_dict
 

@@ -34,7 +34,8 @@ def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def build(data: dict, partitioned: bool):
     import deepspeed
 
-    from twinflow.backbones.qwen_image.config import QwenImageBackboneConfig, build_qwen_image_backbone
+    from twinflow.backbones.qwen_image.build import build_qwen_image_backbone
+from twinflow.backbones.qwen_image.config import QwenImageBackboneConfig
     from twinflow.utils.typed_config import from_dict
 
     config = from_dict(QwenImageBackboneConfig, data)

@@ -22,6 +22,7 @@ from twinflow.training.observability import (
     MAX_COLUMNS,
     RunLogger,
     SamplePrompts,
+    encoded_sample_prompts,
     latent_visualisation,
     write_sample_grids,
 )
@@ -149,6 +150,25 @@ def test_maybe_sample_every_n_steps_from_synthetic_conditions(tmp_path):
     meta, _ = _png_meta(tmp_path / "samples" / files[0])
     assert meta["captions"] == ["synthetic item 0"]  # one per configured prompt
     assert backbone.calls == 1 + 4
+
+
+def test_prompts_are_encoded_with_the_caches_text_encoder(tmp_path, monkeypatch):
+    from twinflow.backbones.qwen_image.tiny_encoders import save_tiny_model_folder
+    from twinflow.data import cache
+    from twinflow.training.config import SamplingSection
+
+    model = save_tiny_model_folder(tmp_path / "model")
+    fingerprint = {"model_path": str(model), "variant": "t2i", "max_sequence_length": 64, "negative_prompt": " ",
+                   "text_encoder_dtype": "float32", "vae_dtype": "float32"}
+    monkeypatch.setattr(cache, "read_manifest", lambda d: {"fingerprint": fingerprint} if d == "the-cache" else None)
+    sampling = SamplingSection(prompts=["a red cat", "two dogs on a beach"], height=64, width=48)
+    prompts = encoded_sample_prompts("the-cache", sampling, decode=True)
+    assert prompts.captions == ["a red cat", "two dogs on a beach"]
+    assert prompts.latent_shape == (TINY_LATENT_CHANNELS, 8, 6)
+    assert prompts.conditions.embeds.shape[0] == 2 and prompts.conditions.mask.any(dim=1).all()
+    images = prompts.decode(torch.zeros(2, *prompts.latent_shape))
+    assert images.shape == (2, 3, 64, 48)
+    assert encoded_sample_prompts("the-cache", sampling, decode=False).decode is None
 
 
 def test_latent_visualisation_is_an_image_in_range():

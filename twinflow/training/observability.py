@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from twinflow.data.stats import DataStats
     from twinflow.method.teacher import Teacher
 
-    from .config import TrainConfig
+    from .config import SamplingSection, TrainConfig
 
 Backbone = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], torch.Tensor]
 Decoder = Callable[[torch.Tensor], torch.Tensor]
@@ -97,10 +97,6 @@ def _to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy(), "RGB") for a in arr]
 
 
-def _font() -> ImageFont.ImageFont:
-    return ImageFont.load_default()
-
-
 def compose_grid(images: Sequence[Image.Image], captions: Sequence[str], title: str) -> Image.Image:
     """Images in rows of up to :data:`MAX_COLUMNS`, each resized to :data:`CELL` pixels with its
     caption (wrapped, truncated to the caption strip) underneath, under a one-line title."""
@@ -110,7 +106,7 @@ def compose_grid(images: Sequence[Image.Image], captions: Sequence[str], title: 
     rows = math.ceil(len(images) / cols)
     grid = Image.new("RGB", (cols * CELL, TITLE_HEIGHT + rows * (CELL + CAPTION_HEIGHT)), "white")
     draw = ImageDraw.Draw(grid)
-    font = _font()
+    font = ImageFont.load_default()
     draw.text((4, 4), title, fill="black", font=font)
     chars_per_line = CELL // 6
     for i, (image, caption) in enumerate(zip(images, captions)):
@@ -203,14 +199,14 @@ def synthetic_sample_prompts(config: TrainConfig) -> SamplePrompts:
     )
 
 
-def encoded_sample_prompts(config: TrainConfig, *, decode: bool) -> SamplePrompts:
-    """Encode ``sampling.prompts`` with the text encoder the cache was built with (read from the cache
-    manifest), on the CPU. The 8B text encoder is released right after; only the VAE is kept, and only
-    when ``decode`` (the rank that writes the grids)."""
+def encoded_sample_prompts(cache_dir: str | Path, sampling: SamplingSection, *, decode: bool) -> SamplePrompts:
+    """Encode ``sampling.prompts`` on the CPU with the text encoder the cache in ``cache_dir`` was built
+    with (its manifest names the model folder and the encoding settings). The 8B text encoder is
+    released right after; only the VAE is kept, and only when ``decode`` (the rank that writes)."""
     from twinflow.backbones.qwen_image.encoders import QwenImageConditioner
     from twinflow.data.cache import read_manifest
 
-    fingerprint = read_manifest(config.data.cache_dir)["fingerprint"]
+    fingerprint = read_manifest(cache_dir)["fingerprint"]
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     conditioner = QwenImageConditioner.from_pretrained(
         fingerprint["model_path"],
@@ -220,11 +216,11 @@ def encoded_sample_prompts(config: TrainConfig, *, decode: bool) -> SamplePrompt
         text_encoder_dtype=dtypes[fingerprint["text_encoder_dtype"]],
         vae_dtype=dtypes[fingerprint["vae_dtype"]],
     )
-    prompts = list(config.sampling.prompts)
+    prompts = list(sampling.prompts)
     conditions = conditioner.encode_prompts(prompts)
     conditioner.text_encoder = None  # frees ~16 GB of host memory; from here on only the VAE is used
     factor = conditioner.vae_scale_factor
-    shape = (conditioner.latent_channels, config.sampling.height // factor, config.sampling.width // factor)
+    shape = (conditioner.latent_channels, sampling.height // factor, sampling.width // factor)
     return SamplePrompts(conditions, prompts, shape, conditioner.latents_to_pixels if decode else None)
 
 
@@ -267,9 +263,9 @@ class RunLogger:
 
     ``RunLogger(config, rank)`` on every rank; only rank 0 creates files: ``<train.output_dir>/
     tensorboard/``, ``metrics.jsonl`` and ``samples/``. ``data_stats`` (the loader's
-    :class:`~twinflow.data.DataStats`) adds skipped-item counts to every logged step. ``sample_prompts``
-    replaces the prompts' source (tests, custom runs); by default they come from the synthetic data or
-    the cache's text encoder (see :func:`synthetic_sample_prompts`, :func:`encoded_sample_prompts`).
+    :class:`~twinflow.data.DataStats`) adds skipped-item counts to every logged step. Sample prompts come
+    from the synthetic data or the cache's text encoder (:func:`synthetic_sample_prompts`,
+    :func:`encoded_sample_prompts`), prepared at the first sampling step.
     """
 
     def __init__(
@@ -278,16 +274,14 @@ class RunLogger:
         rank: int,
         *,
         data_stats: DataStats | None = None,
-        sample_prompts: SamplePrompts | None = None,
         progress: bool = True,
     ):
         self.config = config
         self.rank = rank
         self.data_stats = data_stats
         self.output_dir = Path(config.train.output_dir)
-        self._prompts = sample_prompts
-        sampling_on = config.train.sample_every > 0
-        if sampling_on and sample_prompts is None and config.data is not None and config.model.edit:
+        self._prompts: SamplePrompts | None = None
+        if config.train.sample_every > 0 and config.data is not None and config.model.edit:
             raise ConfigError(
                 "config key 'train.sample_every': sample grids of an edit model need reference images, which "
                 "sampling.prompts cannot give; set train.sample_every: 0"
@@ -364,7 +358,10 @@ class RunLogger:
                 import torch.distributed as dist
 
                 distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-                mine = encoded_sample_prompts(self.config, decode=True) if self.rank == 0 else None
+                mine = (
+                    encoded_sample_prompts(self.config.data.cache_dir, self.config.sampling, decode=True)
+                    if self.rank == 0 else None
+                )
                 if distributed:
                     shared = _broadcast_from_rank0(mine)
                     self._prompts = mine if self.rank == 0 else shared

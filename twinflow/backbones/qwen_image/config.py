@@ -9,11 +9,11 @@ Every step the reference made users do by editing code is a key here:
 * "change QwenImage to QwenImageEdit": ``edit: true`` (reference latents travel in
   ``QwenCondition.ref_latents``).
 
-The builder is a plain function of the config, so a trainer can call it under ``deepspeed.zero.Init``.
+The builder (:func:`twinflow.backbones.qwen_image.build.build_qwen_image_backbone`) lives apart so that
+reading a config imports neither diffusers nor peft.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,8 +21,6 @@ from typing import Any, Literal
 import torch
 
 from twinflow.utils.typed_config import ConfigError
-
-logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -124,41 +122,12 @@ def resolve_pretrained_dir(path: str) -> Path:
     )
 
 
-def build_qwen_image_backbone(config: QwenImageBackboneConfig, device: torch.device | str):
-    """Build the :class:`~.backbone.QwenImageBackbone` described by ``config`` on ``device``.
 
-    Loads offline (``local_files_only``). Under ``deepspeed.zero.Init`` the parameters are already
-    placed and partitioned by DeepSpeed, so no ``.to()`` is applied to them here.
-    """
-    # Imported here so that reading a config does not import diffusers/peft.
-    from .attention import configure_attention, resolve_attention_backend
-    from .backbone import QwenImageBackbone
-    from .partitioned import is_partitioned
-    from .transformer import TwinFlowQwenImageTransformer
+def __getattr__(name: str):
+    """``from .config import build_qwen_image_backbone`` imports :mod:`.build` (and diffusers, peft)
+    at that import statement, which therefore must not sit inside ``deepspeed.zero.Init``."""
+    if name == "build_qwen_image_backbone":
+        from .build import build_qwen_image_backbone
 
-    dtype = config.torch_dtype
-    extra = {"twin_embedder": config.twin_embedder, "kernels": config.kernels}
-    if config.pretrained is not None:
-        folder = resolve_pretrained_dir(config.pretrained)
-        transformer = TwinFlowQwenImageTransformer.from_pretrained(
-            str(folder), torch_dtype=dtype, local_files_only=True, **extra
-        )
-    else:
-        clashes = sorted(set(config.transformer) & set(extra))
-        if clashes:
-            raise ConfigError(f"config key 'transformer' must not set {clashes}: they are top-level backbone keys")
-        try:
-            transformer = TwinFlowQwenImageTransformer(**config.transformer, **extra)
-        except TypeError as e:
-            raise ConfigError(f"config key 'transformer': {e}") from e
-    if not any(is_partitioned(p) for p in transformer.parameters()):
-        # nn.Module.to: diffusers' override warns about an empty keep-in-fp32 list on every dtype cast.
-        torch.nn.Module.to(transformer, device=device, dtype=dtype)
-    if config.lora.enabled:
-        from .lora import add_lora
-
-        add_lora(transformer, config.lora)
-    configure_attention(transformer, resolve_attention_backend(config.attention_backend, device, dtype))
-    backbone = QwenImageBackbone(transformer, dtype=dtype, edit=config.edit)
-    backbone.set_gradient_checkpointing(config.gradient_checkpointing)
-    return backbone
+        return build_qwen_image_backbone
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
