@@ -3,9 +3,13 @@
 * Without a CUDA GPU the fused kernels can only run in Triton's interpreter, which ``triton.jit`` picks
   when it decorates a kernel: ``TRITON_INTERPRET=1`` is set here, before anything imports Triton or
   ``twinflow.kernels`` (as ``tests/kernels/conftest.py`` does).
-* ``bench_run`` (session): collects every measurement; at the end of the session the terminal summary
-  prints them, the targets and the GPU measurements that were skipped (and why), and
-  ``TWINFLOW_BENCH_RECORD=1`` appends the run to ``benchmarks/results/`` as JSON.
+* ``bench_run`` (session, used by every benchmark test): collects every measurement; at the end of the
+  session the terminal summary prints them, the targets and the GPU measurements that were skipped (and
+  why), and ``TWINFLOW_BENCH_RECORD=1`` appends the run to ``benchmarks/results/`` as JSON.
+* On CPU the benchmarks run with one intra-op thread (restored afterwards, so ``pytest tests benchmarks``
+  leaves the tests alone). The CPU machines are shared, and inductor's OpenMP kernels then wait on
+  descheduled threads: the compiled smoke loss took 36-76 ms a call with 2 threads and ~0.1 ms with 1
+  (measured on the 2-core CI machine at load average ~6), which says nothing about the code.
 * ``TWINFLOW_BENCH_SIZE=gpu`` selects the Qwen-Image sizes (see ``harness.py``).
 """
 from __future__ import annotations
@@ -27,12 +31,17 @@ TIMER = "pytest-benchmark pedantic rounds, timer = perf_counter read after torch
 _RUN: list[BenchRun] = []
 
 
-@pytest.fixture(scope="session")
-def bench_run() -> BenchRun:
-    run = BenchRun(active_profile(), bench_device(), TIMER)
+@pytest.fixture(scope="session", autouse=True)
+def bench_run():
+    device = bench_device()
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    run = BenchRun(active_profile(), device, TIMER)
     skip_gpu_measurements(run)
     _RUN.append(run)
-    return run
+    yield run
+    torch.set_num_threads(threads)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:

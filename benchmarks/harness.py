@@ -54,7 +54,7 @@ def gpu_skip_reason(profile: str) -> Optional[str]:
     if torch.cuda.is_available():
         return None
     if profile == "gpu":
-        return f"{PROFILE_ENV}=gpu but there is no CUDA device (torch.cuda.is_available() is False)"
+        return "the gpu profile needs a CUDA device (torch.cuda.is_available() is False)"
     return "no CUDA device on this machine (torch.cuda.is_available() is False); CPU smoke sizes only"
 
 

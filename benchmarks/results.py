@@ -59,7 +59,6 @@ def environment(device: torch.device) -> dict:
         "device_type": device.type,
         # Other processes share a CPU machine; the load says how much the CPU smoke timings can be trusted.
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "torch_threads": torch.get_num_threads(),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -75,6 +74,7 @@ class BenchRun:
 
     def __init__(self, profile: str, device: torch.device, timer: str):
         self.profile, self.device, self.timer = profile, device, timer
+        self.torch_threads = torch.get_num_threads()  # intra-op threads while measuring
         self.measurements: list[dict] = []
         self.skipped: list[dict] = []
         self._copy: Optional[dict] = None
@@ -112,6 +112,7 @@ class BenchRun:
             **environment(self.device),
             "profile": self.profile,
             "timer": self.timer,
+            "torch_threads": self.torch_threads,
             "copy_bandwidth": self._copy,
             "measurements": self.measurements,
             "targets": evaluate_targets(self),
@@ -206,7 +207,7 @@ def summary_lines(record: dict) -> list[str]:
     """Human-readable summary of a run record (printed by pytest and by run_gpu.py)."""
     lines = [f"device: {record['device']} (load average {record['load_average_1m']}); profile: {record['profile']}; "
              "versions: " + ", ".join(f"{k} {v}" for k, v in record["versions"].items()),
-             f"timer: {record['timer']}"]
+             f"timer: {record['timer']}; torch intra-op threads: {record['torch_threads']}"]
     if record["copy_bandwidth"]:
         lines.append(f"copy bandwidth: {record['copy_bandwidth']['gbps']:.1f} GB/s "
                      f"(dst.copy_(src) of {record['copy_bandwidth']['buffer_bytes'] / 2**20:.0f} MiB)")
@@ -214,7 +215,7 @@ def summary_lines(record: dict) -> list[str]:
         lines.append("CPU SMOKE: sizes check the harness; fused kernels run in Triton's interpreter. Not performance claims.")
     for m in record["measurements"]:
         if m["kind"] == "kernel":
-            bw = f"  {m['gbps']:.3g} GB/s = {m['copy_fraction']:.3g} of copy" if m["gbps"] is not None else ""
+            bw = f"  {m['gbps']:.3g} GB/s = {100 * m['copy_fraction']:.3g}% of copy" if m["gbps"] is not None else ""
             lines.append(f"  {m['kernel']:<20} {m['case']:<32} {m['pass']:<8} {m['variant']:<8} "
                          f"{_fmt_time(m['median_s']):>10}{bw}")
         else:

@@ -66,6 +66,12 @@ def test_registry_dispatches_and_refuses_duplicates(capsys):
         del cli.SUBCOMMANDS["echo-test"]
 
 
+def test_export_errors_are_clean(tmp_path, capsys):
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("twinflow export: error: ") and str(tmp_path / "none") in err
+
+
 def test_optional_components_fail_clearly_when_absent():
     with pytest.raises(cli.CLIError, match=r"'export' is not available .*twinflow\.no_such_module is missing"):
         cli._optional_entry_point("twinflow.no_such_module", "export")
@@ -91,10 +97,12 @@ def test_sample_writes_one_grid_per_preset(tmp_path, capsys):
     from twinflow.backbones.qwen_image.tiny_encoders import save_tiny_model_folder
     from twinflow.backbones.qwen_image.transformer import TwinFlowQwenImageTransformer
 
-    model = save_tiny_model_folder(tmp_path / "model")
-    TwinFlowQwenImageTransformer(**tiny_transformer_config()).save_pretrained(model / "transformer")
+    encoders = save_tiny_model_folder(tmp_path / "base")
+    exported = tmp_path / "export"  # the layout `twinflow export` writes: the transformer folder itself
+    TwinFlowQwenImageTransformer(**tiny_transformer_config()).save_pretrained(exported)
     out = tmp_path / "out"
-    code = cli.main(["sample", "--model", str(model), "--prompt", "a red cat", "--prompt", "a dog",
+    code = cli.main(["sample", "--model", str(exported), "--encoders", str(encoders),
+                     "--prompt", "a red cat", "--prompt", "a dog",
                      "--preset", "one_step", "--preset", "few_step", "--height", "64", "--width", "64",
                      "--output", str(out)])
     assert code == 0

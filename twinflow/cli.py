@@ -71,9 +71,11 @@ def _load_config(args: argparse.Namespace):
 def _configure_memory_plan(p: argparse.ArgumentParser) -> None:
     _add_config_arguments(p)
     p.add_argument("--world-size", type=int, default=8, help="number of GPUs (ZeRO-3 ranks); default 8")
-    p.add_argument("--gpu-mem", type=float, default=80.0, help="device memory per GPU in GiB (torch.cuda.get_device_properties(0).total_memory / 2**30); default 80")
-    p.add_argument("--text-tokens", type=int, default=512,
-                   help="text tokens per row the batch is padded to (Qwen-Image's default max_sequence_length: 512)")
+    p.add_argument("--gpu-mem", type=float, default=80.0,
+                   help="device memory per GPU in GiB (torch.cuda.get_device_properties(0).total_memory / 2**30)")
+    p.add_argument("--text-tokens", type=int, default=None,
+                   help="text tokens per row the batch is padded to (default: the cache's max_sequence_length, "
+                        "else 1024, the encoder's limit)")
     p.add_argument("--cuda-context", type=float, default=2.0, help="GiB assumed for CUDA context, NCCL and workspaces")
     p.add_argument("--fragmentation", type=float, default=0.10, help="fraction of allocated memory assumed lost to fragmentation")
 
@@ -133,8 +135,7 @@ def _run_train(args: argparse.Namespace) -> int:
         return EXIT_OK
     if shutil.which(cmd[0]) is None:
         raise CLIError("the 'deepspeed' launcher is not on PATH; install DeepSpeed (see the README)")
-    os.execvpe(cmd[0], cmd, {**os.environ, **env})
-    return EXIT_OK  # not reached: exec replaces this process
+    os.execvpe(cmd[0], cmd, {**os.environ, **env})  # replaces this process: no return
 
 
 # ----------------------------------------------------------------------------------------- export
@@ -165,7 +166,8 @@ def _configure_sample(p: argparse.ArgumentParser) -> None:
 def _run_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from twinflow.backbones.qwen_image.config import QwenImageBackboneConfig, build_qwen_image_backbone
+    from twinflow.backbones.qwen_image.build import build_qwen_image_backbone
+    from twinflow.backbones.qwen_image.config import QwenImageBackboneConfig
     from twinflow.backbones.qwen_image.encoders import QwenImageConditioner
     from twinflow.sampling import SAMPLER_PRESETS
     from twinflow.training.observability import SamplePrompts, write_sample_grids

@@ -17,7 +17,8 @@ and reuse gathered parameters across the whole step (the worst case for stale ga
    counted; ``max_consecutive_nonfinite`` in a row raise.
 
 Then a second Trainer (``straight``) trains the tiny config for 6 steps from scratch: the reference the
-crash/kill/resume launches are compared with.
+crash/kill/resume chain is compared with. Finally a third one starts that chain: the same run in
+``<out>/chain``, which dies during its save at step 4 (so this launch ends with status 44).
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def fixed_loss(trainer, batch) -> float:
 
 
 def plain_backbone(config, state: dict[str, torch.Tensor]):
-    from twinflow.backbones.qwen_image.config import build_qwen_image_backbone
+    from twinflow.backbones.qwen_image.build import build_qwen_image_backbone
 
     backbone = build_qwen_image_backbone(config.model, "cpu")
     missing, unexpected = backbone.load_state_dict(state, strict=False)
@@ -217,6 +218,13 @@ def main() -> None:
     if rank == 0:
         (out / "results.json").write_text(json.dumps(results, indent=1))
     dist.barrier()
+
+    # The same run again, dying in the middle of its save at step 4 (every rank exits with status 44
+    # after writing its files): the first link of the test's crash / kill / resume chain.
+    crashing = Trainer(load_train_config(CONFIG, [f"train.output_dir={out / 'chain'}", "train.save_every=2",
+                                                  "faults.crash_in_save_at_step=4"]))
+    crashing.train()
+    raise AssertionError("the save at step 4 should have ended the process")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from twinflow.training.memory_plan import (
     ParamInventory,
     ZeroSettings,
     largest_teacher_rows,
+    max_text_tokens,
     measure_block_saved_bytes_per_token,
     param_sizes_by_module,
     plan_for_model,
@@ -150,6 +151,17 @@ def test_largest_teacher_pass_follows_the_objective():
     assert largest_teacher_rows(8, TwinFlowConfig(enhanced_ratio=0.0)) == 6
     # Plain flow matching runs no teacher pass.
     assert largest_teacher_rows(4, TwinFlowConfig(preset="flow_matching")) == 0
+
+
+def test_text_length_defaults_to_the_longest_the_run_can_see(monkeypatch):
+    from twinflow.data import cache
+    from twinflow.training.config import load_train_config
+
+    assert max_text_tokens(load_train_config(REPO / "configs" / "tiny_cpu.yaml")) == (6, "synthetic_data.max_text_len")
+    full = load_train_config(SHIPPED_FULL_CONFIG, [f"data.cache_dir={REPO / 'no_such_cache'}"])
+    assert max_text_tokens(full)[0] == 1024  # no cache here: the text encoder's limit
+    monkeypatch.setattr(cache, "read_manifest", lambda d: {"fingerprint": {"max_sequence_length": 300}})
+    assert max_text_tokens(full)[0] == 300
 
 
 def _plan_cli(*extra: str) -> tuple[int, str]:

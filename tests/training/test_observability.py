@@ -151,6 +151,13 @@ def test_maybe_sample_every_n_steps_from_synthetic_conditions(tmp_path):
     assert meta["captions"] == ["synthetic item 0"]  # one per configured prompt
     assert backbone.calls == 1 + 4
 
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert sorted(events.Tags()["images"]) == ["samples/any_step", "samples/one_step"]
+    assert [e.step for e in events.Images("samples/one_step")] == [2]
+
 
 def test_prompts_are_encoded_with_the_caches_text_encoder(tmp_path, monkeypatch):
     from twinflow.backbones.qwen_image.tiny_encoders import save_tiny_model_folder

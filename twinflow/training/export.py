@@ -189,7 +189,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, weights: Weigh
     if missing:
         if model_config.pretrained is None:
             raise ExportError(f"checkpoint {checkpoint} lacks untrained parameters {missing[:5]}... and the run had no model.pretrained")
-        from twinflow.backbones.qwen_image.config import build_qwen_image_backbone
+        from twinflow.backbones.qwen_image.build import build_qwen_image_backbone
 
         base = build_qwen_image_backbone(model_config, "cpu").transformer.state_dict()
         state.update({k: base[k] for k in missing})

@@ -660,9 +660,26 @@ def _run_geometry(cfg: TrainConfig, patch: int) -> tuple[int, int, str]:
     return tokens, latent, desc
 
 
+def max_text_tokens(cfg: TrainConfig) -> tuple[int, str]:
+    """The longest text a batch can be padded to, and where that number comes from: the synthetic
+    data's ``max_text_len``, the ``max_sequence_length`` the cache was encoded with (from its manifest,
+    when the cache is on this machine), else the encoder's limit (1024 tokens after the template)."""
+    if cfg.synthetic_data is not None:
+        return cfg.synthetic_data.max_text_len, "synthetic_data.max_text_len"
+    from twinflow.backbones.qwen_image.encoders import MAX_SEQUENCE_LENGTH
+    from twinflow.data.cache import read_manifest
+    from twinflow.data.stats import DataError
+
+    try:
+        length = int(read_manifest(cfg.data.cache_dir)["fingerprint"]["max_sequence_length"])
+    except (DataError, TypeError):
+        return MAX_SEQUENCE_LENGTH, "no cache at data.cache_dir: the text encoder's limit; set --text-tokens if shorter"
+    return length, f"max_sequence_length of the cache in {cfg.data.cache_dir}"
+
+
 def _config_plan(
     cfg: TrainConfig, inv: ParamInventory, arch: Mapping[str, Any], world_size: int, gpu_mem_gib: float,
-    text_tokens: int, cuda_context_gib: float, fragmentation: float, title: str,
+    text_tokens: int, text_source: str, cuda_context_gib: float, fragmentation: float, title: str,
 ) -> MemoryPlan:
     from .deepspeed_config import build_deepspeed_config
 
@@ -685,7 +702,7 @@ def _config_plan(
         encoder_params=qwen_image_encoder_params() if resident_encoders else None,
         gpu_mem_gib=gpu_mem_gib, cuda_context_gib=cuda_context_gib, fragmentation=fragmentation, title=title,
     )
-    plan.assumptions.append(f"{geometry}; text padded to {text_tokens} tokens (--text-tokens)")
+    plan.assumptions.append(f"{geometry}; text padded to {text_tokens} tokens ({text_source})")
     plan.assumptions.append(
         "text encoder and VAE: resident in bf16 on every rank (data.use_cache is false)" if resident_encoders else
         "text encoder and VAE: not on the GPU (training reads the latent/text cache; sample grids encode prompts "
@@ -719,25 +736,32 @@ def plan_from_config(
     world_size: int,
     gpu_mem_gib: float,
     *,
-    text_tokens: int,
+    text_tokens: int | None = None,
     cuda_context_gib: float = 2.0,
     fragmentation: float = 0.10,
     config_name: str = "",
 ) -> MemoryPlan:
     """The plan of a :class:`TrainConfig` on ``world_size`` GPUs of ``gpu_mem_gib`` GiB. When it does
-    not fit, each single config change that lowers memory is planned too and listed with its total."""
+    not fit, each single config change that lowers memory is planned too and listed with its total.
+
+    ``text_tokens`` (per row) defaults to the longest text the run can see: see :func:`max_text_tokens`.
+    """
     from twinflow.utils.typed_config import apply_overrides, from_dict, to_dict
 
     from .config import TrainConfig
 
     if cfg.model.lora.enabled:
         raise ConfigError("config key 'model.lora.enabled': the memory plan covers full training; set it to false")
-    if text_tokens < 1:
+    if text_tokens is None:
+        text_tokens, text_source = max_text_tokens(cfg)
+    elif text_tokens < 1:
         raise ConfigError(f"--text-tokens must be >= 1, got {text_tokens}")
+    else:
+        text_source = "--text-tokens"
     arch, source = _transformer_config(cfg)
     inv = qwen_image_inventory(arch, twin_embedder=cfg.model.twin_embedder)
     title = f"memory plan{' for ' + config_name if config_name else ''}: {world_size} GPUs x {gpu_mem_gib} GiB, ZeRO-3"
-    args = (inv, arch, world_size, gpu_mem_gib, text_tokens, cuda_context_gib, fragmentation, title)
+    args = (inv, arch, world_size, gpu_mem_gib, text_tokens, text_source, cuda_context_gib, fragmentation, title)
     plan = _config_plan(cfg, *args)
     plan.assumptions.insert(1, f"transformer architecture: {source}")
     if not plan.fits:

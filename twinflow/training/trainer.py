@@ -126,16 +126,11 @@ def seed_everything(seed: int) -> None:
 def build_partitioned_backbone(config: TrainConfig, ds_config: dict[str, Any], device: torch.device) -> torch.nn.Module:
     """The backbone built under ``deepspeed.zero.Init``: each parameter is partitioned as soon as its
     module is constructed, so no rank ever holds the full model."""
-    import importlib
-
     import deepspeed
 
-    from twinflow.backbones.qwen_image.config import build_qwen_image_backbone
+    # Imported before entering zero.Init: importing diffusers inside it fails (see the builder's module).
+    from twinflow.backbones.qwen_image.build import build_qwen_image_backbone
 
-    # zero.Init patches tensor construction; importing diffusers (and torch._dynamo with it) inside the
-    # context fails, so the builder's lazily imported modules are imported first.
-    for name in ("attention", "backbone", "transformer") + (("lora",) if config.model.lora.enabled else ()):
-        importlib.import_module(f"twinflow.backbones.qwen_image.{name}")
     # The parameter dtype comes from ds_config's bf16 flag (checked against model.dtype by the config):
     # DeepSpeed 0.19 ignores an explicit ``dtype`` argument on accelerators without fp16 (CPU).
     with deepspeed.zero.Init(config_dict_or_path=ds_config):

@@ -60,7 +60,8 @@ def resolve_attention_backend(requested: str, device: torch.device | str, dtype:
     device = torch.device(device)
     if requested not in SUPPORTED_BACKENDS:
         raise ConfigError(
-            f"config key 'attention_backend': {requested!r} is not supported; expected one of {list(SUPPORTED_BACKENDS)} "
+            f"config key 'attention_backend': {requested!r} is not supported; "
+            f"expected one of {list(SUPPORTED_BACKENDS)} "
             "(varlen backends are refused: they assume prefix-valid key masks, Qwen-Image's [text, image] mask is not)"
         )
     half = dtype in (torch.float16, torch.bfloat16)
@@ -78,7 +79,9 @@ def resolve_attention_backend(requested: str, device: torch.device | str, dtype:
         logger.info("attention_backend=auto -> %r: %s", choice, why)
         return choice
     if requested == "flash" and not flash_attn_2_available():
-        raise ConfigError("config key 'attention_backend': 'flash' needs the flash-attn>=2.6.3 package, which is not importable")
+        raise ConfigError(
+            "config key 'attention_backend': 'flash' needs the flash-attn>=2.6.3 package, which is not importable"
+        )
     if requested == "_flash_3" and not flash_attn_3_available():
         raise ConfigError(
             "config key 'attention_backend': '_flash_3' needs FlashAttention-3's 'flash_attn_interface' module, "
@@ -87,7 +90,9 @@ def resolve_attention_backend(requested: str, device: torch.device | str, dtype:
     if requested in ("flash", "_flash_3") and device.type != "cuda":
         raise ConfigError(f"config key 'attention_backend': {requested!r} needs a CUDA device, got {device}")
     if requested in FLASH_BACKENDS and device.type == "cuda" and not half:
-        raise ConfigError(f"config key 'attention_backend': {requested!r} needs fp16/bf16 on CUDA, the model dtype is {dtype}")
+        raise ConfigError(
+            f"config key 'attention_backend': {requested!r} needs fp16/bf16 on CUDA, the model dtype is {dtype}"
+        )
     logger.info("attention_backend=%r", requested)
     return requested
 
@@ -103,7 +108,8 @@ class MaskRoutingProcessor(QwenDoubleStreamAttnProcessor2_0):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
                  attention_mask=None, image_rotary_emb=None):
         configured = self._attention_backend
-        reroute = encoder_hidden_states_mask is not None and configured is not None and configured.value in FLASH_BACKENDS
+        mask_free = configured is not None and configured.value in FLASH_BACKENDS
+        reroute = encoder_hidden_states_mask is not None and mask_free
         if reroute:
             self._attention_backend = AttentionBackendName(MASKED_FALLBACK)
         try:

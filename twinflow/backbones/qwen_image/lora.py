@@ -58,7 +58,9 @@ def _tuner_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
 
 
-def adapter_pairs(model: nn.Module, src: str = ADAPTER, dst: str = EMA_ADAPTER) -> list[tuple[nn.Parameter, nn.Parameter]]:
+def adapter_pairs(
+    model: nn.Module, src: str = ADAPTER, dst: str = EMA_ADAPTER
+) -> list[tuple[nn.Parameter, nn.Parameter]]:
     """``(dst_param, src_param)`` for every weight of adapter ``src`` that adapter ``dst`` mirrors,
     found through peft's module structure (LoRA matrices and ``modules_to_save`` copies)."""
     pairs = []

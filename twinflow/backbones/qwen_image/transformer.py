@@ -153,7 +153,9 @@ class TwinFlowQwenImageTransformer(QwenImageTransformer2DModel):
                     f"missing {missing_twin}"
                 )
             model._init_twin_embedder_from_primary()
-            logger.info("%s has no time_text_embed_2: initialised it as a copy of time_text_embed", pretrained_model_name_or_path)
+            logger.info(
+                "%s has no time_text_embed_2: initialised it as a copy of time_text_embed", pretrained_model_name_or_path
+            )
             info["missing_keys"] = [k for k in info["missing_keys"] if not k.startswith(TWIN_PREFIX)]
         return (model, info) if want_info else model
 

@@ -1,6 +1,6 @@
 """Two CPU ranks over gloo: the Qwen-Image backbone built under ``deepspeed.zero.Init`` (ZeRO-3).
 
-Run by ``test_zero3.py`` as ``python zero3_worker.py`` (it spawns its own ranks). Each check compares the
+Run by ``test_zero3.py`` as ``python qwen_zero3_worker.py`` (it spawns its own ranks). Each check compares the
 partitioned model with an ordinary model holding the same (gathered) weights. Exits non-zero on failure.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ def build(data: dict, partitioned: bool):
     import deepspeed
 
     from twinflow.backbones.qwen_image.build import build_qwen_image_backbone
-from twinflow.backbones.qwen_image.config import QwenImageBackboneConfig
+    from twinflow.backbones.qwen_image.config import QwenImageBackboneConfig
     from twinflow.utils.typed_config import from_dict
 
     config = from_dict(QwenImageBackboneConfig, data)

@@ -13,7 +13,7 @@ from twinflow.backbones.qwen_image.lora import (
 from twinflow.backbones.qwen_image.tiny import tiny_transformer_config
 from twinflow.method.teacher import OnlineTeacher
 
-from qwen_helpers import C, build_tiny, make_cond, randomize_
+from qwen_helpers import C, build_tiny, make_cond
 
 RANK = 4
 
