@@ -6,10 +6,12 @@
 * ``bench_run`` (session, used by every benchmark test): collects every measurement; at the end of the
   session the terminal summary prints them, the targets and the GPU measurements that were skipped (and
   why), and ``TWINFLOW_BENCH_RECORD=1`` appends the run to ``benchmarks/results/`` as JSON.
-* On CPU the benchmarks run with one intra-op thread (restored afterwards, so ``pytest tests benchmarks``
-  leaves the tests alone). The CPU machines are shared, and inductor's OpenMP kernels then wait on
-  descheduled threads: the compiled smoke loss took 36-76 ms a call with 2 threads and ~0.1 ms with 1
-  (measured on the 2-core CI machine at load average ~6), which says nothing about the code.
+* On CPU the benchmarks run with one intra-op thread and inductor compiles in-process (both restored
+  afterwards, so ``pytest tests benchmarks`` leaves the tests alone). The CPU machines are shared, and
+  inductor's OpenMP kernels then wait on descheduled threads: the compiled smoke loss took 36-76 ms a
+  call with 2 threads and ~0.1 ms with 1 (2-core machine, load average ~6), which says nothing about
+  the code. Starting inductor's compile worker pool doubled the smoke run's time (39 s -> 80 s, cold
+  compile cache, same load).
 * ``TWINFLOW_BENCH_SIZE=gpu`` selects the Qwen-Image sizes (see ``harness.py``).
 """
 from __future__ import annotations
@@ -33,15 +35,19 @@ _RUN: list[BenchRun] = []
 
 @pytest.fixture(scope="session", autouse=True)
 def bench_run():
+    import torch._inductor.config as inductor_config
+
     device = bench_device()
-    threads = torch.get_num_threads()
+    threads, compile_threads = torch.get_num_threads(), inductor_config.compile_threads
     if device.type == "cpu":
         torch.set_num_threads(1)
+        inductor_config.compile_threads = 1
     run = BenchRun(active_profile(), device, TIMER)
     skip_gpu_measurements(run)
     _RUN.append(run)
     yield run
     torch.set_num_threads(threads)
+    inductor_config.compile_threads = compile_threads
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:

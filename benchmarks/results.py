@@ -145,7 +145,8 @@ def evaluate_targets(run: BenchRun) -> list[dict]:
     profile on a CUDA device; a smoke run reports them as not evaluated.
     """
     if run.profile != "gpu" or run.device.type != "cuda":
-        why = "not evaluated: CPU smoke run (targets apply to the GPU sizes on a CUDA device)"
+        why = ("not evaluated: no CUDA device in this run" if run.device.type != "cuda" else
+               "not evaluated: smoke sizes") + " (targets apply to the GPU sizes on a CUDA device)"
         return [{"target": key, "statement": text, "status": why, "details": []} for key, text in TARGETS]
     checks: dict[str, list[tuple[bool, str]]] = {key: [] for key, _ in TARGETS}
     for case, variants in _kernel_times(run, "ema", "update").items():

@@ -1,6 +1,6 @@
 """Two CPU ranks over gloo: the Qwen-Image backbone built under ``deepspeed.zero.Init`` (ZeRO-3).
 
-Run by ``test_zero3.py`` as ``python qwen_zero3_worker.py`` (it spawns its own ranks). Each check compares the
+Run by ``test_qwen_zero3.py`` as ``python qwen_zero3_worker.py`` (it spawns its own ranks). Each check compares the
 partitioned model with an ordinary model holding the same (gathered) weights. Exits non-zero on failure.
 """
 from __future__ import annotations

@@ -14,7 +14,9 @@ and reuse gathered parameters across the whole step (the worst case for stale ga
    and an online forward right after the session equals a plain model with the online weights;
 4. the export (live, and offline from a checkpoint) round-trips through ``from_pretrained``;
 5. an injected non-finite loss skips the step (weights, optimizer, EMA, LR schedule untouched) and is
-   counted; ``max_consecutive_nonfinite`` in a row raise.
+   counted; ``max_consecutive_nonfinite`` in a row raise;
+6. LoRA: the ``ema`` adapter teacher matches a plain model, survives a checkpoint, and exports as a
+   peft adapter and a merged transformer.
 
 Then a second Trainer (``straight``) trains the tiny config for 6 steps from scratch: the reference the
 crash/kill/resume chain is compared with. Finally a third one starts that chain: the same run in
@@ -51,12 +53,14 @@ def full_fp32(trainer) -> dict[str, torch.Tensor]:
 
 
 def fixed_batch(trainer):
-    """The micro batch this rank trains on every step (the data is not shuffled and has one batch per rank)."""
+    """A micro batch of this rank's items (with ``num_items = 2 * micro_batch_size`` and no shuffling,
+    the batch this rank trains on at every step)."""
     from twinflow.training.data import SyntheticDataset
 
     dataset = SyntheticDataset(trainer.config.synthetic_data)
     rank, world = trainer.dist.rank, trainer.dist.world_size
-    return dataset.collate([dataset[i] for i in range(rank, len(dataset), world)])
+    items = list(range(rank, len(dataset), world))[: trainer.config.train.micro_batch_size]
+    return dataset.collate([dataset[i] for i in items])
 
 
 def fixed_loss(trainer, batch) -> float:
@@ -75,6 +79,66 @@ def plain_backbone(config, state: dict[str, torch.Tensor]):
     trainable = {n for n, p in backbone.named_parameters()}
     assert not unexpected and not (trainable - set(state)), (missing, unexpected)
     return backbone.eval()
+
+
+def lora_checks(out: Path, rank: int) -> dict:
+    """LoRA under ZeRO-3: the EMA adapter teacher, its checkpoint round trip and the adapter export."""
+    from twinflow.backbones.qwen_image.backbone import QwenImageBackbone
+    from twinflow.backbones.qwen_image.build import build_qwen_image_backbone
+    from twinflow.backbones.qwen_image.lora import adapter_pairs, adapter_state
+    from twinflow.backbones.qwen_image.transformer import TwinFlowQwenImageTransformer
+    from twinflow.training.config import load_train_config
+    from twinflow.training.export import gather_transformer_state
+    from twinflow.training.trainer import Trainer
+
+    overrides = [f"train.output_dir={out / 'lora'}", "train.save_every=0", "model.twin_embedder=false",
+                 "model.lora={enabled: true, rank: 4, alpha: 4.0}", "method.preset=lora_1order",
+                 "method.ema_decay_rate=0.9"]
+    trainer = Trainer(load_train_config(CONFIG, overrides))
+    for _ in range(3):
+        trainer.train_step()
+    state = gather_transformer_state(trainer.backbone, rank)
+    batch = fixed_batch(trainer)
+    x, t, tt = batch.latents, torch.tensor([0.9, 0.6, 0.3, 0.1]), torch.tensor([0.5, 0.6, 0.0, 0.05])
+    with torch.no_grad(), trainer.teacher.session() as teacher_model:
+        v_teacher = teacher_model(x, t, tt, batch.cond)
+    ckpt = trainer.save_checkpoint()
+    export = trainer.export(out / "lora_export", weights="ema", merge_lora=True)
+    before = trainer.teacher.state_dict()
+    resumed = Trainer(load_train_config(CONFIG, overrides[1:] + [f"train.output_dir={out / 'lora_resumed'}",
+                                                               f"train.resume={ckpt}"]))
+    after = resumed.teacher.state_dict()
+    result = {
+        "ema_adapter_restored": all(torch.equal(a, b) for a, b in zip(before["ema_adapter"], after["ema_adapter"]))
+        and len(before["ema_adapter"]) > 0,
+        "schedule_restored": before["inner"]["schedule"] == after["inner"]["schedule"],
+        "masters_restored": all(torch.equal(a, b) for a, b in zip(trainer.optimizer.fp32_partitioned_groups_flat,
+                                                                 resumed.optimizer.fp32_partitioned_groups_flat)),
+    }
+    trainer.close()
+    resumed.close()
+    if rank != 0:
+        return result
+    with torch.no_grad():
+        plain = build_qwen_image_backbone(trainer.config.model, "cpu").eval()
+        plain.transformer.load_state_dict(state)
+        with adapter_state(plain.transformer, "ema"):
+            v_plain_ema = plain(x, t, tt, batch.cond)
+        v_plain_online = plain(x, t, tt, batch.cond)
+        merged = TwinFlowQwenImageTransformer.from_pretrained(str(export / "transformer")).eval()
+        v_merged = QwenImageBackbone(merged, dtype=torch.float32, edit=False)(x, t, tt, batch.cond)
+        plain.transformer.load_lora_adapter(str(export / "lora"), adapter_name="loaded")
+        loaded = adapter_pairs(plain.transformer, src="ema", dst="loaded")
+    scale = float(v_teacher.abs().max())
+    result.update({
+        "scale": scale,
+        "teacher_vs_plain_ema": float((v_teacher - v_plain_ema).abs().max()),
+        "ema_vs_online": float((v_plain_ema - v_plain_online).abs().max()),
+        "merged_vs_teacher": float((v_merged - v_teacher).abs().max()),
+        "loaded_adapter_pairs": len(loaded),
+        "loaded_adapter_max_diff": max(float((a - b).abs().max()) for a, b in loaded),
+    })
+    return result
 
 
 def main() -> None:
@@ -209,6 +273,8 @@ def main() -> None:
         results["nonfinite"]["raised"] = str(e)
     results["nonfinite"]["skipped_total"] = trainer.state.skipped_steps
     trainer.close()
+
+    results["lora"] = lora_checks(out, rank)
 
     # The reference straight run for the crash / kill / resume launches (same math as their config).
     straight = Trainer(load_train_config(CONFIG, [f"train.output_dir={out / 'straight'}", "train.save_every=2"]))

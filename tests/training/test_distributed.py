@@ -134,6 +134,16 @@ def test_nonfinite_steps_are_skipped_counted_and_limited(worker):
     assert nonfinite["skipped_total"] == 3
 
 
+def test_lora_ema_adapter_teacher_checkpoint_and_export(worker):
+    lora = worker[0]["lora"]
+    assert lora["ema_adapter_restored"] and lora["schedule_restored"] and lora["masters_restored"]
+    tol = 1e-5 * lora["scale"]
+    assert lora["teacher_vs_plain_ema"] <= tol
+    assert lora["ema_vs_online"] > 100 * tol  # the EMA adapter really differs from the trained one
+    assert lora["merged_vs_teacher"] <= tol
+    assert lora["loaded_adapter_pairs"] > 0 and lora["loaded_adapter_max_diff"] == 0.0
+
+
 def test_crash_during_save_keeps_the_previous_checkpoint(chain):
     crash = chain["crash"]
     assert crash["rc"] == SAVE_CRASH_STATUS
