@@ -160,7 +160,8 @@ def copy_bandwidth(device: torch.device, profile: str) -> dict:
     """The device's copy bandwidth, measured as ``dst.copy_(src)`` of one large float32 buffer.
 
     Bytes moved per copy = 2 x the buffer size (one read, one write). 2 GiB on GPU (far above any L2),
-    64 MiB in smoke runs. The memory-bound kernels report their GB/s as a fraction of this number.
+    64 MiB in smoke runs. Timed with :func:`measure` in both runners. The memory-bound kernels report
+    their GB/s as a fraction of this number.
     """
     nbytes = 2 * 1024**3 if profile == "gpu" else 64 * 1024**2
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)

@@ -41,8 +41,10 @@ def markdown(record: dict) -> str:
     lines = [
         f"Run of {record['date_utc']} on **{record['device']}** (profile `{record['profile']}`, commit "
         f"`{(record['git_commit'] or 'unknown')[:12]}`{' + local changes' if record['git_local_changes'] else ''}, "
-        f"1-minute load average {record['load_average_1m']}); python {env['python']}, torch {env['torch']}, "
-        f"CUDA {env['cuda']}, triton {env['triton']}, diffusers {env['diffusers']}. Timer: {record['timer']}.",
+        f"1-minute load average {record['load_average_1m']['start']} at start and {record['load_average_1m']['end']} at end, "
+        f"{record['torch_threads']} torch intra-op thread(s)); "
+        f"python {env['python']}, torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, "
+        f"diffusers {env['diffusers']}. Timer: {record['timer']}.",
         "",
     ]
     if record["copy_bandwidth"]:
@@ -87,6 +89,7 @@ def plot(record: dict, path: Path) -> None:
 
     groups = _kernel_groups(record)
     e2e = [m for m in record["measurements"] if m["kind"] == "e2e"]
+    smoke = record["profile"] == "smoke" and record["device_type"] == "cpu"
     fig, (ax_k, ax_e) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [4, 1]})
     labels = [f"{k}\n{c}\n{p}" for k, c, p in groups]
     width = 0.8 / len(VARIANT_ORDER)
@@ -97,7 +100,7 @@ def plot(record: dict, path: Path) -> None:
                 xs.append(j + (i - (len(VARIANT_ORDER) - 1) / 2) * width)
                 ys.append(variants["eager"]["median_s"] / variants[name]["median_s"])
         if xs:
-            ax_k.bar(xs, ys, width, label=name)
+            ax_k.bar(xs, ys, width, label=f"{name} (Triton interpreter)" if smoke and name == "fused" else name)
     ax_k.axhline(1.0, color="black", linewidth=0.8)
     ax_k.set_yscale("log")
     ax_k.set_xticks(range(len(labels)), labels, fontsize=6)
@@ -108,7 +111,6 @@ def plot(record: dict, path: Path) -> None:
         ax_e.bar([m["variant"] for m in e2e], [m["images_per_s"] for m in e2e], color=["tab:gray", "tab:blue"][: len(e2e)])
         ax_e.set_ylabel("images / s")
     ax_e.set_title("training step")
-    smoke = record["profile"] == "smoke" and record["device_type"] == "cpu"
     note = " -- CPU SMOKE: harness check, fused kernels interpreted, not a performance claim" if smoke else ""
     fig.suptitle(f"{record['device']}, {record['date_utc']}{note}", fontsize=9)
     fig.tight_layout()

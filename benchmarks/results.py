@@ -49,6 +49,12 @@ def _git(*args: str) -> Optional[str]:
     return out.stdout.strip()
 
 
+def load_average() -> Optional[float]:
+    """The 1-minute load average: other processes share a CPU machine, and the load says how much the
+    CPU smoke timings can be trusted."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
 def environment(device: torch.device) -> dict:
     status = _git("status", "--porcelain")
     return {
@@ -57,8 +63,6 @@ def environment(device: torch.device) -> dict:
         "git_local_changes": None if status is None else bool(status),
         "device": device_name(device),
         "device_type": device.type,
-        # Other processes share a CPU machine; the load says how much the CPU smoke timings can be trusted.
-        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -75,6 +79,7 @@ class BenchRun:
     def __init__(self, profile: str, device: torch.device, timer: str):
         self.profile, self.device, self.timer = profile, device, timer
         self.torch_threads = torch.get_num_threads()  # intra-op threads while measuring
+        self.load_at_start = load_average()
         self.measurements: list[dict] = []
         self.skipped: list[dict] = []
         self._copy: Optional[dict] = None
@@ -113,10 +118,12 @@ class BenchRun:
             "profile": self.profile,
             "timer": self.timer,
             "torch_threads": self.torch_threads,
+            "load_average_1m": {"start": self.load_at_start, "end": load_average()},
             "copy_bandwidth": self._copy,
             "measurements": self.measurements,
             "targets": evaluate_targets(self),
             "skipped": self.skipped,
+            "notes": case_notes(self.profile),
         }
 
 
@@ -187,6 +194,13 @@ def write_record(record: dict, directory: Path = RESULTS_DIR) -> Path:
     return path
 
 
+def case_notes(profile: str) -> list[str]:
+    """Why some cases leave a variant out."""
+    from .kernel_cases import kernel_cases
+
+    return [f"{c.key}: {c.note}" for c in kernel_cases(profile) if c.note]
+
+
 def gpu_plan() -> list[str]:
     """What a GPU run measures (listed as skipped when there is no GPU)."""
     from .e2e import e2e_size
@@ -206,7 +220,9 @@ def _fmt_time(seconds: float) -> str:
 
 def summary_lines(record: dict) -> list[str]:
     """Human-readable summary of a run record (printed by pytest and by run_gpu.py)."""
-    lines = [f"device: {record['device']} (load average {record['load_average_1m']}); profile: {record['profile']}; "
+    load = record["load_average_1m"]
+    lines = [f"device: {record['device']} (1-minute load average {load['start']} at start, {load['end']} at end); "
+             f"profile: {record['profile']}; "
              "versions: " + ", ".join(f"{k} {v}" for k, v in record["versions"].items()),
              f"timer: {record['timer']}; torch intra-op threads: {record['torch_threads']}"]
     if record["copy_bandwidth"]:
@@ -228,6 +244,7 @@ def summary_lines(record: dict) -> list[str]:
     for t in record["targets"]:
         lines.append(f"  [{t['status']}] {t['statement']}")
         lines.extend(f"      {d}" for d in t["details"])
+    lines.extend(f"note: {n}" for n in record["notes"])
     if record["skipped"]:
         lines.append("skipped:")
         lines.extend(f"  {s['what']}: {s['why']}" for s in record["skipped"])

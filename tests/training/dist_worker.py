@@ -32,7 +32,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml")
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIG = str(CONFIGS / "tiny_cpu.yaml")
+LORA_CONFIG = str(CONFIGS / "tiny_cpu_lora.yaml")  # 2 micro batches per optimizer step
 
 
 def gather_shards(views: dict[str, torch.Tensor], shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
@@ -91,12 +93,12 @@ def lora_checks(out: Path, rank: int) -> dict:
     from twinflow.training.export import gather_transformer_state
     from twinflow.training.trainer import Trainer
 
-    overrides = [f"train.output_dir={out / 'lora'}", "train.save_every=0", "model.twin_embedder=false",
-                 "model.lora={enabled: true, rank: 4, alpha: 4.0}", "method.preset=lora_1order",
-                 "method.ema_decay_rate=0.9"]
-    trainer = Trainer(load_train_config(CONFIG, overrides))
+    overrides = [f"train.output_dir={out / 'lora'}", "train.save_every=0"]
+    trainer = Trainer(load_train_config(LORA_CONFIG, overrides))
     for _ in range(3):
         trainer.train_step()
+    # Two micro batches per optimizer step: the EMA moves once per optimizer step.
+    ema_updates = trainer.teacher.inner.inner.schedule.num_updates
     state = gather_transformer_state(trainer.backbone, rank)
     batch = fixed_batch(trainer)
     x, t, tt = batch.latents, torch.tensor([0.9, 0.6, 0.3, 0.1]), torch.tensor([0.5, 0.6, 0.0, 0.05])
@@ -105,10 +107,12 @@ def lora_checks(out: Path, rank: int) -> dict:
     ckpt = trainer.save_checkpoint()
     export = trainer.export(out / "lora_export", weights="ema", merge_lora=True)
     before = trainer.teacher.state_dict()
-    resumed = Trainer(load_train_config(CONFIG, overrides[1:] + [f"train.output_dir={out / 'lora_resumed'}",
-                                                               f"train.resume={ckpt}"]))
+    resumed = Trainer(load_train_config(LORA_CONFIG, overrides[1:] + [f"train.output_dir={out / 'lora_resumed'}",
+                                                                    f"train.resume={ckpt}"]))
     after = resumed.teacher.state_dict()
     result = {
+        "ema_updates": ema_updates,
+        "optimizer_steps": trainer.engine.global_steps,
         "ema_adapter_restored": all(torch.equal(a, b) for a, b in zip(before["ema_adapter"], after["ema_adapter"]))
         and len(before["ema_adapter"]) > 0,
         "schedule_restored": before["inner"]["schedule"] == after["inner"]["schedule"],
@@ -127,7 +131,7 @@ def lora_checks(out: Path, rank: int) -> dict:
         v_plain_online = plain(x, t, tt, batch.cond)
         merged = TwinFlowQwenImageTransformer.from_pretrained(str(export / "transformer")).eval()
         v_merged = QwenImageBackbone(merged, dtype=torch.float32, edit=False)(x, t, tt, batch.cond)
-        plain.transformer.load_lora_adapter(str(export / "lora"), adapter_name="loaded")
+        plain.transformer.load_lora_adapter(str(export / "lora"), adapter_name="loaded", use_safetensors=True)
         loaded = adapter_pairs(plain.transformer, src="ema", dst="loaded")
     scale = float(v_teacher.abs().max())
     result.update({
@@ -285,8 +289,8 @@ def main() -> None:
         (out / "results.json").write_text(json.dumps(results, indent=1))
     dist.barrier()
 
-    # The same run again, dying in the middle of its save at step 4 (every rank exits with status 44
-    # after writing its files): the first link of the test's crash / kill / resume chain.
+    # The same run again, dying in the middle of its save at step 4 (every rank exits with
+    # SAVE_CRASH_EXIT_STATUS after writing its files): the first link of the test's crash / kill / resume chain.
     crashing = Trainer(load_train_config(CONFIG, [f"train.output_dir={out / 'chain'}", "train.save_every=2",
                                                   "faults.crash_in_save_at_step=4"]))
     crashing.train()

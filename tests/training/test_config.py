@@ -19,15 +19,16 @@ TINY = REPO / "configs" / "tiny_cpu.yaml"
 
 def test_every_shipped_config_loads():
     assert {p.name for p in CONFIGS} >= {
-        "tiny_cpu.yaml", "qwen_image_full.yaml", "qwen_image_lora_1order.yaml", "qwen_image_lora_2order.yaml",
+        "tiny_cpu.yaml", "tiny_cpu_lora.yaml", "qwen_image_full.yaml", "qwen_image_lora_1order.yaml", "qwen_image_lora_2order.yaml",
         "qwen_image_edit.yaml",
     }
     for path in CONFIGS:
         assert isinstance(load_train_config(path), TrainConfig), path
 
 
-def test_tiny_config_is_the_tiny_transformer():
-    section = yaml.safe_load(TINY.read_text())["model"]["transformer"]
+@pytest.mark.parametrize("name", ["tiny_cpu.yaml", "tiny_cpu_lora.yaml"])
+def test_tiny_configs_use_the_tiny_transformer(name):
+    section = yaml.safe_load((REPO / "configs" / name).read_text())["model"]["transformer"]
     expected = {k: list(v) if isinstance(v, tuple) else v for k, v in tiny_transformer_config().items()}
     assert section == expected
 
@@ -92,6 +93,8 @@ def test_micro_batch_smaller_than_active_groups_fails_at_load():
         (["optim.betas=[0.9, 1.5]"], "optim.betas"),
         (["train.keep_last=0"], "train.keep_last"),
         (["sampling.presets=[two_step]"], r"sampling.presets\[0\]"),
+        (["model.edit=true"], "model.edit"),
+        (["synthetic_data.edit=true"], "model.edit"),
     ],
 )
 def test_cross_section_errors_name_the_key(overrides, match):

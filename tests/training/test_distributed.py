@@ -22,6 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from twinflow.training.trainer import KILL_EXIT_STATUS, SAVE_CRASH_EXIT_STATUS
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "tiny_cpu.yaml"
 pytestmark = pytest.mark.distributed
@@ -45,9 +47,6 @@ def launch(args: list[str], log: Path) -> int:
 def _tail(log: Path) -> str:
     return log.read_text()[-4000:]
 
-
-SAVE_CRASH_STATUS = 44  # faults.crash_in_save_at_step
-KILL_STATUS = 43  # faults.kill_at_step
 
 
 @pytest.fixture(scope="module")
@@ -136,17 +135,19 @@ def test_nonfinite_steps_are_skipped_counted_and_limited(worker):
 
 def test_lora_ema_adapter_teacher_checkpoint_and_export(worker):
     lora = worker[0]["lora"]
+    # 3 optimizer steps of 2 micro batches each: one EMA update per optimizer step.
+    assert lora["optimizer_steps"] == lora["ema_updates"] == 3
     assert lora["ema_adapter_restored"] and lora["schedule_restored"] and lora["masters_restored"]
     tol = 1e-5 * lora["scale"]
     assert lora["teacher_vs_plain_ema"] <= tol
-    assert lora["ema_vs_online"] > 100 * tol  # the EMA adapter really differs from the trained one
+    assert lora["ema_vs_online"] > 10 * tol  # the EMA adapter really differs from the trained one
     assert lora["merged_vs_teacher"] <= tol
     assert lora["loaded_adapter_pairs"] > 0 and lora["loaded_adapter_max_diff"] == 0.0
 
 
 def test_crash_during_save_keeps_the_previous_checkpoint(chain):
     crash = chain["crash"]
-    assert crash["rc"] == SAVE_CRASH_STATUS
+    assert crash["rc"] == SAVE_CRASH_EXIT_STATUS
     assert crash["latest"] == "step_00000002"
     assert "step_00000004" not in crash["entries"]
     # The interrupted save had written files, but no meta.json: never mistaken for a checkpoint.
@@ -155,7 +156,7 @@ def test_crash_during_save_keeps_the_previous_checkpoint(chain):
 
 def test_killed_rank_leaves_the_last_checkpoint_loadable(chain):
     kill = chain["kill"]
-    assert kill["rc"] == KILL_STATUS
+    assert kill["rc"] == KILL_EXIT_STATUS
     assert kill["latest"] == "step_00000004"
     assert kill["loaded_steps"] == [4, 4]
     # The next save cleaned the interrupted one up; keep_last=2 pruned step 2 only after step 4 existed.

@@ -205,6 +205,7 @@ class TrainConfig:
         if (self.data is None) == (self.synthetic_data is None):
             raise ConfigError("exactly one of config sections 'data' and 'synthetic_data' must be set")
         self._check_precision()
+        self._check_edit()
         self._propagate_kernels()
         self._check_batch_split()
 
@@ -214,6 +215,15 @@ class TrainConfig:
             raise ConfigError(
                 f"config key 'model.dtype' is {self.model.dtype!r} but deepspeed.bf16={self.deepspeed.bf16} "
                 f"trains {want} parameters; set model.dtype: {want}"
+            )
+
+    def _check_edit(self) -> None:
+        with_reference = self.data.has_reference if self.data is not None else self.synthetic_data.edit
+        if with_reference != self.model.edit:
+            source = "data.ref_image_column / data.ref_suffix" if self.data is not None else "synthetic_data.edit"
+            raise ConfigError(
+                f"config key 'model.edit' is {self.model.edit} but the data {'has' if with_reference else 'has no'} "
+                f"reference images ({source}); an edit model trains on (reference, target) pairs and only it"
             )
 
     def _propagate_kernels(self) -> None:

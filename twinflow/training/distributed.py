@@ -53,6 +53,10 @@ def init_distributed(backend: str = "auto") -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local_rank)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # CPU ranks share the machine's cores; oversubscribed OpenMP threads spin against each other
+        # and make small matrix products ~100x slower. The launcher sets LOCAL_SIZE (ranks on this node).
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")

@@ -13,9 +13,10 @@ Two sources, one writer:
 The writer (rank 0) builds the transformer on the ``meta`` device from its config, assigns the
 consolidated weights (so no second random initialisation of a 20B model), and writes into a temporary
 folder renamed into place at the end. Full models: ``save_pretrained`` (safetensors), loadable with
-``TwinFlowQwenImageTransformer.from_pretrained``. LoRA: the adapter through diffusers/peft
-``save_lora_adapter`` under ``lora/``, plus, with ``merge_lora``, the merged transformer under
-``transformer/``.
+``TwinFlowQwenImageTransformer.from_pretrained``. LoRA: the adapter in diffusers' Qwen-Image LoRA
+format under ``lora/`` (``pipe.load_lora_weights`` / ``transformer.load_lora_adapter``; pass
+``use_safetensors=True``, else diffusers looks for a pickled ``.bin``), plus, with
+``merge_lora``, the merged transformer under ``transformer/``.
 """
 from __future__ import annotations
 
@@ -67,8 +68,17 @@ def write_export(state: dict[str, torch.Tensor], transformer_config: dict[str, A
     dtype = model_config.torch_dtype
     transformer.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
     if model_config.lora.enabled:
+        from diffusers import QwenImagePipeline
+        from peft.utils import get_peft_model_state_dict
+
         adapter = EMA_ADAPTER if weights == "ema" else ADAPTER
-        transformer.save_lora_adapter(str(tmp / "lora"), adapter_name=adapter)
+        # The pipeline's LoRA format (keys prefixed ``transformer.``, peft config in the metadata):
+        # ``QwenImagePipeline.load_lora_weights(dir)`` and ``transformer.load_lora_adapter(dir)`` read it.
+        QwenImagePipeline.save_lora_weights(
+            str(tmp / "lora"),
+            transformer_lora_layers=get_peft_model_state_dict(transformer, adapter_name=adapter),
+            transformer_lora_adapter_metadata=transformer.peft_config[adapter].to_dict(),
+        )
         if merge_lora:
             transformer.fuse_lora(adapter_names=[adapter])
             transformer.unload_lora()

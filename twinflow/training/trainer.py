@@ -56,6 +56,12 @@ from .teachers import build_run_teacher
 logger = logging.getLogger(__name__)
 
 
+KILL_EXIT_STATUS = 43
+"""Exit status of a rank killed by ``faults.kill_at_step``."""
+SAVE_CRASH_EXIT_STATUS = 44
+"""Exit status of the ranks ended by ``faults.crash_in_save_at_step``."""
+
+
 class NonFiniteTrainingError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
 
@@ -249,7 +255,7 @@ class Trainer:
             self.save_checkpoint()
         faults = self.config.faults
         if faults.kill_at_step == step and faults.kill_rank == self.dist.rank:
-            os._exit(43)
+            os._exit(KILL_EXIT_STATUS)
 
     # --------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
@@ -279,6 +285,8 @@ class Trainer:
         path = self.store.latest() if mode == "auto" else Path(mode)
         if path is None:
             return None
+        if not (path / "meta.json").is_file():
+            raise ConfigError(f"config key 'train.resume': {path} is not a complete checkpoint (no meta.json)")
         meta, tensors, rank_data = self.store.load(path)
         load_zero3_partition_state(self.optimizer, tensors)
         self.teacher.load_state_dict(join_tensors(rank_data["teacher"], tensors))
@@ -300,4 +308,4 @@ class Trainer:
     def _save_fault(self, step: int) -> None:
         """Test hook (``faults.crash_in_save_at_step``): die after this rank's files are written."""
         if self.config.faults.crash_in_save_at_step == step:
-            os._exit(44)
+            os._exit(SAVE_CRASH_EXIT_STATUS)

@@ -101,7 +101,9 @@ class ShardSwapTeacher(Teacher):
     @contextlib.contextmanager
     def session(self) -> Iterator[Any]:
         """Runs the block with every trainable partition pointing at the shadow (see the module doc)."""
-        shadows = [s.to(self.param_device, non_blocking=True) for s in self.shadow]
+        # Blocking copy when the shadow lives elsewhere (offloaded optimizer): ZeRO-3 gathers on its own
+        # stream, which must not race an unfinished host-to-device copy.
+        shadows = [s.to(self.param_device) for s in self.shadow]
         originals: list[torch.Tensor] = []
         with torch.no_grad():
             self._release_gathered()
