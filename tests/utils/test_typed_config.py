@@ -26,6 +26,10 @@ def test_nested_values_and_tuples():
     cfg = from_dict(Outer, {"steps": 3, "inner": {"rate": 1, "pair": [0.25, 0.75], "names": ["x"]}})
     assert cfg.inner.pair == (0.25, 0.75) and cfg.inner.rate == 1.0 and cfg.inner.names == ["x"]
     assert to_dict(cfg)["inner"]["pair"] == [0.25, 0.75]
+    # YAML 1.1 reads 1e-3 (no dot) as a string; float keys accept it, other strings stay errors
+    assert load_config(Inner, None, ["rate=1e-3"]).rate == 1e-3
+    with pytest.raises(ConfigError, match="'rate': expected a number"):
+        load_config(Inner, None, ["rate=fast"])
     assert from_dict(Outer, {"steps": 1, "maybe": {"rate": 2.0}}).maybe.rate == 2.0
 
 

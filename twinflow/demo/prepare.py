@@ -7,9 +7,9 @@
    ``folder`` data format.
 3. The latent/text cache the trainer reads, written with the product's ``CacheWriter``. Text embeddings
    come from the conditioner. Image "latents" come from :func:`pixels_to_latents`, an exact,
-   parameter-free codec (the 32x32 RGB image folded 2x2 into 12 channels): a VAE would have to be trained
-   first, which has no place in a ten-minute CPU demo. The Qwen-Image transformer is unchanged by this;
-   it sees a (12, 16, 16) latent exactly as it would see a VAE latent.
+   parameter-free codec (the 32x32 RGB image folded 4x4 into 48 channels of 8x8): a VAE would have to be
+   trained first, which has no place in a ten-minute CPU demo. The Qwen-Image transformer is unchanged by
+   this; it sees a (48, 8, 8) latent exactly as it would see a VAE latent.
 """
 from __future__ import annotations
 
@@ -33,17 +33,18 @@ from twinflow.data.stats import DataStats
 
 from .shapes import ShapesDataset
 
-LATENT_CODEC = "pixel_unshuffle_2"
+FOLD = 4
+LATENT_CODEC = f"pixel_unshuffle_{FOLD}"
 DONE_MARKER = "demo_inputs.json"
 
 
 def pixels_to_latents(pixels: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> (B, 12, H/2, W/2); exactly inverted by :func:`latents_to_pixels`."""
-    return Fn.pixel_unshuffle(pixels, 2)
+    """(B, 3, H, W) in [-1, 1] -> (B, 3 F^2, H/F, W/F); exactly inverted by :func:`latents_to_pixels`."""
+    return Fn.pixel_unshuffle(pixels, FOLD)
 
 
 def latents_to_pixels(latents: torch.Tensor) -> torch.Tensor:
-    return Fn.pixel_shuffle(latents, 2)
+    return Fn.pixel_shuffle(latents, FOLD)
 
 
 @dataclass(frozen=True)

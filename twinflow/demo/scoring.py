@@ -95,10 +95,17 @@ def score_image(image: np.ndarray, prompt: Prompt) -> dict[str, bool]:
     return result
 
 
+CRITERIA = ("object", "color", "count", "position")
+
+
 def score_batch(images: list[np.ndarray], prompts: list[Prompt]) -> dict[str, float]:
-    """Mean pass rate of each criterion over a batch of samples (position only over prompts that ask)."""
+    """Pass rate of each criterion over a batch (position only over prompts that ask for one),
+    ``overall`` (every criterion of a sample right) and ``score``: the mean of the criterion rates, as
+    GenEval averages its task categories."""
     totals: dict[str, list[bool]] = {}
     for image, prompt in zip(images, prompts):
         for key, ok in score_image(image, prompt).items():
             totals.setdefault(key, []).append(ok)
-    return {key: float(np.mean(v)) for key, v in totals.items()}
+    out = {key: float(np.mean(v)) for key, v in totals.items()}
+    out["score"] = float(np.mean([out[c] for c in CRITERIA if c in out]))
+    return out

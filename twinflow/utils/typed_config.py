@@ -6,6 +6,7 @@ wrong type or a missing required field raises :class:`ConfigError` naming the fu
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -14,6 +15,9 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 import yaml
 
 T = TypeVar("T")
+
+
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -74,6 +78,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return dict(value)
         return {_convert(k, args[0], f"{key}.<key>"): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            # PyYAML follows YAML 1.1, where "1e-4" (no dot) is a string; users mean a number.
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
         return float(value)
