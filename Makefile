@@ -18,14 +18,17 @@ $(STAMP): setup.py
 
 setup: $(STAMP)
 
+# The venv's bin first on PATH: tests and the demo start the `deepspeed` launcher as a subprocess.
+RUN := PATH="$(abspath $(BIN)):$$PATH"
+
 demo: $(STAMP)
-	$(BIN)/twinflow demo
+	$(RUN) $(BIN)/twinflow demo
 
 test: $(STAMP)
-	$(BIN)/pytest -q tests
+	$(RUN) $(BIN)/pytest -q tests benchmarks
 
 bench: $(STAMP)
-	$(BIN)/pytest -q benchmarks --benchmark-only
+	$(RUN) $(BIN)/pytest -q benchmarks --benchmark-only
 
 clean:
 	rm -rf $(VENV)

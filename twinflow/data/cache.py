@@ -40,6 +40,8 @@ from torch import Tensor
 
 from twinflow.backbones.qwen_image.condition import QwenCondition
 
+from twinflow.utils.atomic_files import atomic_write_json, replace_atomically
+
 from .batch import TrainBatch
 from .config import DataConfig
 from .stats import DataError, DataStats
@@ -81,33 +83,12 @@ def fingerprint_hash(fingerprint: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
 
 
-# ---------------------------------------------------------------------------------------------- atomic files
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _commit(tmp: Path, final: Path) -> None:
-    """fsync ``tmp``, rename it to ``final`` and fsync the folder, so ``final`` is whole or absent."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    _commit(tmp, path)
 
 
 def _save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> int:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    _commit(tmp, path)
+    replace_atomically(tmp, path)
     return path.stat().st_size
 
 

@@ -39,6 +39,8 @@ from typing import Any, Callable, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from twinflow.utils.atomic_files import atomic_write_text, fsync_path, write_json_durable
+
 from .distributed import barrier
 
 FORMAT = "twinflow-zero3-checkpoint"
@@ -50,29 +52,6 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not fit this run; the message names the file."""
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def step_dir_name(step: int) -> str:
@@ -214,8 +193,8 @@ class CheckpointStore:
         stem = f"rank-{self.rank:05d}"
         cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
         save_file(cpu, str(tmp / f"{stem}.safetensors"))
-        _fsync_file(tmp / f"{stem}.safetensors")
-        _write_json(tmp / f"{stem}.json", rank_data)
+        fsync_path(tmp / f"{stem}.safetensors")
+        write_json_durable(tmp / f"{stem}.json", rank_data)
         if self._fault is not None:
             self._fault(step)
         barrier()
@@ -225,18 +204,14 @@ class CheckpointStore:
             expected = {f"rank-{r:05d}.{ext}" for r in range(self.world_size) for ext in ("safetensors", "json")}
             if set(files) != expected:
                 raise CheckpointError(f"checkpoint {tmp} holds {sorted(files)}, expected {sorted(expected)}")
-            _write_json(tmp / META, {**meta, "format": FORMAT, "version": VERSION, "step": step,
+            write_json_durable(tmp / META, {**meta, "format": FORMAT, "version": VERSION, "step": step,
                                      "world_size": self.world_size, "files": files})
-            _fsync_dir(tmp)
+            fsync_path(tmp)
             if final.exists():
                 self._discard(final)
             os.rename(tmp, final)
-            _fsync_dir(self.root)
-            pointer_tmp = self.root / f".{LATEST}.tmp"
-            pointer_tmp.write_text(name + "\n")
-            _fsync_file(pointer_tmp)
-            os.replace(pointer_tmp, self.root / LATEST)
-            _fsync_dir(self.root)
+            fsync_path(self.root)
+            atomic_write_text(self.root / LATEST, name + "\n")
             self._prune(keep=final)
         barrier()
         return final
