@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from twinflow.backbones.mlp import DualTimeMLP
-from twinflow.method.config import TwinFlowConfig
+from twinflow.method.config import GroupProbs, TwinFlowConfig
 from twinflow.method.objective import TwinFlowObjective, invert
 from twinflow.method.teacher import FrozenTeacher, OnlineTeacher, Teacher, build_teacher
 
@@ -192,3 +192,119 @@ def test_invert_uses_absolute_time():
     torch.testing.assert_close(xh[0], x[0] - 0.3 * F[0])
     torch.testing.assert_close(xh[1], x[1] - 0.3 * F[1])
     torch.testing.assert_close(zh[2], x[2])
+
+
+class InPlaceTeacher(Teacher):
+    """Like the ZeRO-3 frozen-shard and disabled-adapter teachers: the session changes the SAME module."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        model.swapped = False
+
+    def session(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            self.model.swapped = True
+            try:
+                with torch.no_grad():
+                    yield self.model
+            finally:
+                self.model.swapped = False
+
+        return ctx()
+
+
+class FlagRecorder(Recorder):
+    def forward(self, x, t, tt, cond):
+        self.calls.append({"rows": x.shape[0], "swapped": self.swapped, "grad": torch.is_grad_enabled()})
+        return self.model(x, t, tt, cond)
+
+
+@pytest.mark.parametrize("emd, rcgm_swapped", [(1.0, False), (0.5, True)])
+def test_rcgm_runs_on_the_online_weights_when_ema_decay_rate_is_one(emd, rcgm_swapped):
+    torch.manual_seed(0)
+    rec = FlagRecorder(DualTimeMLP(num_classes=3, width=32, depth=1))
+    obj = TwinFlowObjective(TwinFlowConfig(ema_decay_rate=emd, kernels="eager"))
+    x, c, u = torch.randn(B, 2), torch.randint(0, 3, (B,)), torch.full((B,), 3)
+    out = obj.training_step(rec, x, c, u, InPlaceTeacher(rec))
+    n_rcgm = int((~out.split.masks()["adv"]).sum())
+    rcgm_calls = [call for call in rec.calls if call["rows"] == n_rcgm and not call["grad"]]
+    assert len(rcgm_calls) == 2
+    assert all(call["swapped"] == rcgm_swapped for call in rcgm_calls)
+    guidance = [call for call in rec.calls if call["rows"] == out.forward_rows["guidance"] and not call["grad"]]
+    assert guidance and all(call["swapped"] for call in guidance)  # guidance always uses the teacher
+
+
+def test_estimate_order_zero_averages_over_mul_and_adv_rows_only():
+    seen = {}
+    obj = TwinFlowObjective(TwinFlowConfig(preset="flow_matching", probs=GroupProbs(e2e=1, mul=1, any=0, adv=1, one=0), kernels="eager"))
+    inner = obj._loss_impl
+
+    def spy(*args, **kwargs):
+        seen["loss_rows"] = args[5]
+        return inner(*args, **kwargs)
+
+    obj._loss_impl = spy
+    net = DualTimeMLP(width=16, depth=1)
+    out = obj.training_step(net, torch.randn(9, 2), None, None, OnlineTeacher(net))
+    masks = out.split.masks()
+    assert torch.equal(seen["loss_rows"], masks["mul"] | masks["adv"]) and masks["e2e"].any()
+
+
+class Linear(torch.nn.Module):
+    """F(x, t, tt) = x: the RCGM integral then has a closed form."""
+
+    def forward(self, x, t, tt, cond):
+        return x.clone()
+
+
+def test_rcgm_integral_against_hand_computation():
+    cfg = TwinFlowConfig(preset="rcgm_theory", enhanced_ratio=0.0, estimate_order=2, kernels="eager")
+    obj = TwinFlowObjective(cfg)
+    x_t = torch.tensor([[1.0, -2.0], [0.5, 0.25]])
+    target = torch.tensor([[0.3, 0.1], [-0.2, 0.4]])
+    from twinflow.method.times import StepTimes
+
+    times = StepTimes(t=torch.tensor([0.8, 0.3]), tt=torch.tensor([0.2, 0.295]))
+    acc = obj._rcgm_integral(Linear(), x_t, target, times, None, torch.tensor([True, True]), torch.float32)
+    for r in range(2):
+        t, tt = times.t[r].item(), times.tt[r].item()
+        t_m = max(t - 0.01, tt)
+        s = [t_m, (t_m + tt) / 2, tt]
+        x = x_t[r] - 0.01 * target[r]
+        expected = torch.zeros(2)
+        for i in range(2):
+            F = x
+            expected += F * (s[i] - s[i + 1])
+            x = x + F * (s[i + 1] - s[i])  # inversion then re-noising at s_{i+1} is an Euler step
+        torch.testing.assert_close(acc[r], expected)
+
+
+def test_guided_rows_follow_the_open_range_and_skip_adv_and_e2e():
+    torch.manual_seed(1)
+    out, online, teacher, cfg = run("twinflow", enhanced_range=(0.3, 0.7), ema_decay_rate=0.5)
+    t = online.calls[1]["t"]  # the main pass
+    adv = out.split.masks()["adv"]
+    expected = int(((t > 0.3) & (t < 0.7) & ~adv).sum())
+    assert out.forward_rows.get("guidance", 0) == 2 * expected
+    e2e = out.split.masks()["e2e"]
+    assert torch.all(t[e2e] == 1)  # e2e rows sit at t = 1, outside any range with r1 <= 1
+
+
+def test_preset_table_values():
+    table = {
+        "twinflow": ((1, 1, 1, 1, 0), {}),
+        "rcgm_theory": ((0, 0, 1, 0, 0), {}),
+        "rcgm_practice": ((1, 1, 1, 0, 0), {"dist_match_cof": 0.0}),
+        "flow_matching": ((0, 1, 0, 0, 0), {"consistc_ratio": 0.0, "enhanced_ratio": 0.0, "estimate_order": 0}),
+        "lora_1order": ((1, 1, 0, 1, 1), {"estimate_order": 1}),
+    }
+    for name, (probs, keys) in table.items():
+        cfg = TwinFlowConfig.from_preset(name)
+        assert tuple(cfg.probs.as_dict().values()) == probs, name
+        defaults = {"consistc_ratio": 1.0, "enhanced_ratio": 0.5, "estimate_order": 2, "dist_match_cof": 0.5,
+                    "ema_decay_rate": 0.99, "enhanced_range": (0.0, 1.0), "time_dist_ctrl": (1.0, 1.0, 1.0)}
+        for key, value in {**defaults, **keys}.items():
+            assert getattr(cfg, key) == value, (name, key)

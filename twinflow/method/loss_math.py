@@ -127,9 +127,10 @@ def twinflow_loss_reference(
     y = final_target(F, target, t, tt, adv, arith, v_c, v_u, rcgm_acc)
     per_row = per_sample_loss(F, y, arith.loss) * time_weight(t.float(), tt.float(), adv)
     count = loss_rows.sum()
-    base = (per_row * loss_rows).sum() / count.clamp(min=1)
+    # where, not a product: a non-finite value in an unselected row must not reach the mean
+    base = torch.where(loss_rows, per_row, torch.zeros_like(per_row)).sum() / count.clamp(min=1)
     if rect_diff is None or rect_diff.shape[0] == 0:
-        return base, F.sum() * 0.0
+        return base, torch.zeros((), device=F.device, dtype=torch.float32)
     F_e = F[: rect_diff.shape[0]]
     dv = rect_diff.float().clamp(-1.0, 1.0)
     rect = per_sample_loss(F_e, F_e.detach().float() - dv, arith.loss).mean() * arith.dist_match_cof

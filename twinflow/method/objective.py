@@ -122,14 +122,17 @@ class TwinFlowObjective:
                 fake = one_step_sample(model, torch.randn_like(x[sl["adv"]]), index_condition(cond, sl["adv"]))
                 x = torch.cat([x[: sl["adv"].start], fake, x[sl["adv"].stop :]])
                 rows_run["adv_fake"] = n_adv
-            z = torch.randn_like(x)
-            s = _rows(times.t.abs().to(x.dtype), x)
-            x_t = s * z + (1 - s) * x
-            target = (z - x).float()
+            # Path arithmetic in float32 whatever the data dtype: with bf16 latents, rounding |t| or the
+            # RCGM start point x_t - delta * target to bf16 would distort the delta-scale differences.
+            z = torch.randn_like(x).float()
+            x32 = x.float()
+            s = _rows(times.t.abs(), x32)
+            x_t = s * z + (1 - s) * x32
+            target = z - x32
 
-        F = model(x_t, times.t, times.tt, cond)
+        F = model(x_t.to(x.dtype), times.t, times.tt, cond)
         rows_run["main"] = B
-        x_hat_main = invert(x_t, times.t, F.detach())[0]
+        x_hat_main = invert(x_t, times.t, F.detach().float())[0]
 
         v_c = v_u = acc = None
         use_rcgm = (
@@ -137,22 +140,27 @@ class TwinFlowObjective:
             and cfg.consistc_ratio != 0
             and (split.sizes["e2e"] + split.sizes["any"] + split.sizes["one"]) > 0
         )
+        # ema_decay_rate == 1: the RCGM integration runs on the online model (§3.7), and it must run
+        # outside the teacher session, whose weights may be swapped into the same module in place.
+        rcgm_on_online = cfg.ema_decay_rate == 1.0
+        guided = target
         with teacher.session() as teacher_model:
-            guided = target
             if cfg.enhanced_ratio != 0:
                 rows = guide_rows(times.t, adv, self.arith)
-                v_c, v_u = self._guidance(teacher_model, x_t, times.t, cond, uncond, rows, target)
+                v_c, v_u = self._guidance(teacher_model, x_t, times.t, cond, uncond, rows, target, x.dtype)
                 rows_run["guidance"] = 2 * int(rows.sum())
                 guided = guided_target(target, v_c, v_u, rows, self.arith)
-            if use_rcgm:
-                rcgm_model = model if cfg.ema_decay_rate == 1.0 else teacher_model
-                acc = self._rcgm_integral(rcgm_model, x_t, guided, times, cond, ~adv)
-                rows_run["rcgm"] = cfg.estimate_order * int((~adv).sum())
+            if use_rcgm and not rcgm_on_online:
+                acc = self._rcgm_integral(teacher_model, x_t, guided, times, cond, ~adv, x.dtype)
+        if use_rcgm and rcgm_on_online:
+            acc = self._rcgm_integral(model, x_t, guided, times, cond, ~adv, x.dtype)
+        if use_rcgm:
+            rows_run["rcgm"] = cfg.estimate_order * int((~adv).sum())
 
         rect_diff = None
         n_e2e = split.sizes["e2e"]
         if cfg.consistc_ratio == 1.0 and cfg.dist_match_cof != 0 and n_e2e > 0:
-            rect_diff = self._rectification(model, x_hat_main[sl["e2e"]], index_condition(cond, sl["e2e"]))
+            rect_diff = self._rectification(model, x_hat_main[sl["e2e"]].to(x.dtype), index_condition(cond, sl["e2e"]))
             rows_run["rectification"] = 2 * n_e2e
 
         loss_rows = torch.ones_like(adv) if cfg.estimate_order >= 1 else (masks["mul"] | adv)
@@ -166,7 +174,7 @@ class TwinFlowObjective:
         )
 
     @torch.no_grad()
-    def _guidance(self, teacher_model, x_t, t, cond, uncond, rows, target):
+    def _guidance(self, teacher_model, x_t, t, cond, uncond, rows, target, dtype):
         """§3.6: teacher velocities with and without the condition, one batched forward, guided rows only."""
         v_c = torch.zeros_like(target)
         v_u = torch.zeros_like(target)
@@ -174,7 +182,7 @@ class TwinFlowObjective:
         n = idx.numel()
         if n == 0:
             return v_c, v_u
-        xs = x_t[idx]
+        xs = x_t[idx].to(dtype)
         ts = t[idx]
         both = teacher_model(
             torch.cat([xs, xs]), torch.cat([ts, ts]), torch.cat([ts, ts]),
@@ -185,7 +193,7 @@ class TwinFlowObjective:
         return v_c, v_u
 
     @torch.no_grad()
-    def _rcgm_integral(self, teacher_model, x_t, target, times: StepTimes, cond, rows) -> torch.Tensor:
+    def _rcgm_integral(self, teacher_model, x_t, target, times: StepTimes, cond, rows, dtype) -> torch.Tensor:
         """§3.7 steps 1–2: N Euler steps of the teacher from ``max(t - delta, tt)`` to ``tt``."""
         N, delta = self.config.estimate_order, self.config.rcgm_delta
         acc = torch.zeros_like(target)
@@ -194,17 +202,17 @@ class TwinFlowObjective:
             return acc
         t, tt = times.t[idx].float(), times.tt[idx].float()
         c = index_condition(cond, idx)
-        x_cur = (x_t[idx].float() - delta * target[idx]).to(x_t.dtype)
+        x_cur = x_t[idx] - delta * target[idx]
         t_m = torch.maximum(t - delta, tt)
         part = torch.zeros_like(target[idx])
         for i in range(N):
             s_i = t_m * (1 - i / N) + tt * (i / N)
             s_n = t_m * (1 - (i + 1) / N) + tt * ((i + 1) / N)
-            F_i = teacher_model(x_cur, s_i, s_n, c)
+            F_i = teacher_model(x_cur.to(dtype), s_i, s_n, c).float()
             x_hat, z_hat = invert(x_cur, s_i, F_i)
-            sn = _rows(s_n.abs().to(x_cur.dtype), x_cur)
+            sn = _rows(s_n.abs(), x_cur)
             x_cur = sn * z_hat + (1 - sn) * x_hat
-            part += F_i.float() * _rows(s_i - s_n, part)
+            part += F_i * _rows(s_i - s_n, part)
         acc[idx] = part
         return acc
 
