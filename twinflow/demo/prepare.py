@@ -33,6 +33,7 @@ from twinflow.data.stats import DataStats
 
 from .shapes import ShapesDataset
 
+IMAGE_SIZE = 32
 FOLD = 4
 LATENT_CODEC = f"pixel_unshuffle_{FOLD}"
 DONE_MARKER = "demo_inputs.json"

@@ -16,7 +16,8 @@ from .attention import configure_attention, resolve_attention_backend
 from .backbone import QwenImageBackbone
 from .config import QwenImageBackboneConfig, resolve_pretrained_dir
 from .lora import add_lora
-from .partitioned import is_partitioned
+from .partitioned import is_partitioned, zero_init_active
+from .pretrained_loading import load_checkpoint_into
 from .transformer import TwinFlowQwenImageTransformer
 
 
@@ -30,9 +31,16 @@ def build_qwen_image_backbone(config: QwenImageBackboneConfig, device: torch.dev
     extra = {"twin_embedder": config.twin_embedder, "kernels": config.kernels}
     if config.pretrained is not None:
         folder = resolve_pretrained_dir(config.pretrained)
-        transformer = TwinFlowQwenImageTransformer.from_pretrained(
-            str(folder), torch_dtype=dtype, local_files_only=True, **extra
-        )
+        if zero_init_active():
+            # from_pretrained's meta-device construction cannot be partitioned: build from the config
+            # under zero.Init, then stream the weights into the partitions (see pretrained_loading).
+            saved = TwinFlowQwenImageTransformer.load_config(str(folder), local_files_only=True)
+            transformer = TwinFlowQwenImageTransformer.from_config({**saved, **extra})
+            load_checkpoint_into(transformer, folder, config.twin_embedder)
+        else:
+            transformer = TwinFlowQwenImageTransformer.from_pretrained(
+                str(folder), torch_dtype=dtype, local_files_only=True, **extra
+            )
     else:
         clashes = sorted(set(config.transformer) & set(extra))
         if clashes:

@@ -39,3 +39,12 @@ def gathered(params: Iterable[torch.nn.Parameter], modify: bool = False) -> Iter
 def local_tensor(param: torch.Tensor) -> torch.Tensor:
     """This rank's storage of ``param``: the shard for a partitioned parameter, else the data itself."""
     return param.ds_tensor if is_partitioned(param) else param.data
+
+
+def zero_init_active() -> bool:
+    """Whether code runs inside ``deepspeed.zero.Init`` (modules built now get partitioned parameters)."""
+    try:
+        from deepspeed.runtime.zero import partition_parameters
+    except ImportError:
+        return False
+    return getattr(partition_parameters, "top_level_context", None) is not None

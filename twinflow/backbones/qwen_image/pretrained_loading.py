@@ -1,0 +1,94 @@
+"""Loading a diffusers transformer checkpoint into a model whose parameters ZeRO-3 already partitioned.
+
+diffusers' ``from_pretrained`` builds the model on the meta device and then assigns the loaded tensors,
+which cannot work inside ``deepspeed.zero.Init`` (partitioning needs real tensors; the meta ones have no
+data). So under ZeRO-3 the trainer builds the model from its ``config.json`` inside ``zero.Init`` and
+this module streams the safetensors weights in: module by module, the module's parameters are gathered,
+rank 0 copies the checkpoint's values in, and DeepSpeed re-partitions them on exit. No rank ever holds
+more than one module's full parameters, and only rank 0 reads the files.
+
+A plain Qwen-Image checkpoint has no ``time_text_embed_2``: it is filled from ``time_text_embed``
+(ALGORITHM.md §2). Any other missing key, an unexpected key or a shape mismatch is an error naming it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from twinflow.utils.typed_config import ConfigError
+
+from .partitioned import gathered
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+TWIN_PREFIX = "time_text_embed_2."
+PRIMARY_PREFIX = "time_text_embed."
+
+
+def checkpoint_files(folder: Path) -> dict[str, Path]:
+    """Checkpoint key -> the safetensors file holding it (single file or a sharded index)."""
+    index = folder / f"{WEIGHTS}.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {key: folder / name for key, name in weight_map.items()}
+    single = folder / WEIGHTS
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as f:
+            return {key: single for key in f.keys()}
+    raise ConfigError(f"config key 'pretrained': {folder} holds neither {WEIGHTS} nor {WEIGHTS}.index.json")
+
+
+def _source_keys(model: nn.Module, available: set[str], twin: bool, folder: Path) -> dict[str, str]:
+    """Model parameter name -> checkpoint key to read it from."""
+    sources, missing = {}, []
+    for name, _ in model.named_parameters():
+        if name in available:
+            sources[name] = name
+        elif twin and name.startswith(TWIN_PREFIX) and PRIMARY_PREFIX + name[len(TWIN_PREFIX):] in available:
+            sources[name] = PRIMARY_PREFIX + name[len(TWIN_PREFIX):]
+        else:
+            missing.append(name)
+    twin_in_checkpoint = [k for k in available if k.startswith(TWIN_PREFIX)]
+    if twin_in_checkpoint and any(sources.get(n, n) != n for n in sources if n.startswith(TWIN_PREFIX)):
+        raise ConfigError(f"checkpoint {folder} holds only part of time_text_embed_2")
+    unexpected = sorted(available - set(sources.values()))
+    if missing or unexpected:
+        raise ConfigError(
+            f"checkpoint {folder} does not fit the model: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+        )
+    return sources
+
+
+@torch.no_grad()
+def load_checkpoint_into(model: nn.Module, folder: str | Path, twin_embedder: bool) -> None:
+    """Copy the checkpoint in ``folder`` into ``model`` (partitioned or not), module by module."""
+    folder = Path(folder)
+    files = checkpoint_files(folder)
+    sources = _source_keys(model, set(files), twin_embedder, folder)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    handles: dict[Path, object] = {}
+    try:
+        for module_name, module in model.named_modules():
+            direct = list(module.named_parameters(recurse=False))
+            if not direct:
+                continue
+            with gathered([p for _, p in direct], modify=True):
+                if rank != 0:
+                    continue
+                for param_name, param in direct:
+                    name = f"{module_name}.{param_name}" if module_name else param_name
+                    key = sources[name]
+                    if files[key] not in handles:
+                        handles[files[key]] = safe_open(str(files[key]), framework="pt")
+                    value = handles[files[key]].get_tensor(key)
+                    if tuple(value.shape) != tuple(param.shape):
+                        raise ConfigError(
+                            f"checkpoint {folder}: {key} has shape {tuple(value.shape)}, the model's {name} has {tuple(param.shape)}"
+                        )
+                    param.data.copy_(value.to(dtype=param.dtype))
+    finally:
+        handles.clear()
