@@ -1,7 +1,9 @@
 """The demo end to end at smoke size: inputs, two launcher runs, export, sampling, scoring, files.
 
-The same code path as ``make demo``, with 2 optimizer steps per method and a small dataset, so it proves
-the plumbing (DeepSpeed launcher on 2 CPU ranks, cache, EMA export, evaluation), not the quality.
+The same code path as ``make demo``, with 2 optimizer steps per stage (flow-matching pretraining, then
+TwinFlow and flow matching from its export) and a small dataset: it proves the plumbing (three DeepSpeed
+launches on 2 CPU ranks, loading a pretrained checkpoint into ZeRO-3 partitions, cache, online and EMA
+exports, evaluation), not the quality.
 """
 import json
 import subprocess
@@ -21,7 +23,8 @@ def test_demo_smoke(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    for method in ("twinflow", "flow_matching"):
+    assert set(metrics["scores"]) == {"twinflow", "twinflow_ema", "flow_matching", "flow_matching_ema"}
+    for method in metrics["scores"]:
         scores = metrics["scores"][method]
         assert [scores[k]["nfe"] for k in ("1nfe", "2nfe", "4nfe_any", "30nfe_multi")] == [1, 2, 4, 30]
         for label in scores:
