@@ -1,7 +1,7 @@
 """Crash-safe, resumable checkpoints of a ZeRO-3 run, stored as safetensors + JSON (nothing pickled).
 
 Why not DeepSpeed's ``save_checkpoint``/``load_checkpoint``: DeepSpeed 0.19 reads its partition files
-with ``torch.load(..., weights_only=False)`` (``TorchCheckpointEngine.load``), i.e. it unpickles
+with its torch checkpoint engine, which turns ``weights_only`` off, i.e. it unpickles
 whatever the files contain, and a checkpoint must never be able to run code. So each rank writes its
 own partitions with safetensors: the float32 master partition and the optimizer state of every
 sub-group (``master.<i>``, ``optim.<i>.<key>``), the teacher's shards (``teacher.*``) and its RNG states
