@@ -161,13 +161,13 @@ class ReferenceOrderObjective(TwinFlowObjective):
     random draws, same values as :class:`TwinFlowObjective`)."""
 
     @torch.no_grad()
-    def _guidance(self, teacher_model, x_t, t, cond, uncond, rows, target):
+    def _guidance(self, teacher_model, x_t, t, cond, uncond, rows, target, dtype):
         v_c = torch.zeros_like(target)
         v_u = torch.zeros_like(target)
         idx = rows.nonzero().squeeze(1)
         if idx.numel() == 0:
             return v_c, v_u
-        xs, ts = x_t[idx], t[idx]
+        xs, ts = x_t[idx].to(dtype), t[idx]
         v_c[idx] = teacher_model(xs, ts, ts, index_condition(cond, idx)).float()
         v_u[idx] = teacher_model(xs, ts, ts, index_condition(uncond, idx)).float()
         return v_c, v_u
