@@ -21,13 +21,12 @@ from twinflow.method.teacher import OnlineTeacher, Teacher
 from .zero_ema import FrozenShardTeacher, ShardEMATeacher
 
 
-class ReleasingTeacher(Teacher):
-    """Wraps a teacher that writes ZeRO-3 shards in :meth:`update` and drops stale gathered copies after."""
+class DelegatingTeacher(Teacher):
+    """Forwards everything to ``inner``; subclasses add one behaviour each."""
 
-    def __init__(self, inner: Teacher, optimizer: Any):
+    def __init__(self, inner: Teacher):
         super().__init__(inner.model)
         self.inner = inner
-        self.optimizer = optimizer
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Any]:
@@ -36,7 +35,6 @@ class ReleasingTeacher(Teacher):
 
     def update(self) -> None:
         self.inner.update()
-        self.optimizer.empty_partition_cache()
 
     def state_dict(self) -> dict[str, Any]:
         return self.inner.state_dict()
@@ -45,24 +43,27 @@ class ReleasingTeacher(Teacher):
         self.inner.load_state_dict(state)
 
 
-class LoraTeacherState(Teacher):
+class ReleasingTeacher(DelegatingTeacher):
+    """Wraps a teacher that writes ZeRO-3 shards in :meth:`update` and drops stale gathered copies after."""
+
+    def __init__(self, inner: Teacher, optimizer: Any):
+        super().__init__(inner)
+        self.optimizer = optimizer
+
+    def update(self) -> None:
+        self.inner.update()
+        self.optimizer.empty_partition_cache()
+
+
+class LoraTeacherState(DelegatingTeacher):
     """Adds the ``ema`` adapter's weights (this rank's shards) to a LoRA EMA teacher's state: they are
     frozen parameters, so the optimizer state does not hold them."""
 
     def __init__(self, inner: Teacher, module: nn.Module):
         from twinflow.backbones.qwen_image.lora import adapter_pairs
 
-        super().__init__(inner.model)
-        self.inner = inner
+        super().__init__(inner)
         self._ema_params = [ema for ema, _ in adapter_pairs(module)]
-
-    @contextlib.contextmanager
-    def session(self) -> Iterator[Any]:
-        with self.inner.session() as model:
-            yield model
-
-    def update(self) -> None:
-        self.inner.update()
 
     def state_dict(self) -> dict[str, Any]:
         from twinflow.backbones.qwen_image.partitioned import local_tensor
