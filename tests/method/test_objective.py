@@ -308,3 +308,36 @@ def test_preset_table_values():
                     "ema_decay_rate": 0.99, "enhanced_range": (0.0, 1.0), "time_dist_ctrl": (1.0, 1.0, 1.0)}
         for key, value in {**defaults, **keys}.items():
             assert getattr(cfg, key) == value, (name, key)
+
+
+class CountingTeacher(Teacher):
+    """Counts sessions: under ZeRO-3 a session swaps shards and releases every gathered parameter."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.sessions = 0
+
+    def session(self):
+        self.sessions += 1
+        return super().session()
+
+
+@pytest.mark.parametrize(
+    "preset, overrides, sessions",
+    [
+        ("flow_matching", {}, 0),
+        ("rcgm_theory", {"enhanced_ratio": 0.0, "ema_decay_rate": 1.0}, 0),  # RCGM on the online model
+        ("rcgm_theory", {"enhanced_ratio": 0.0}, 1),
+        ("flow_matching", {"enhanced_ratio": 0.5}, 1),  # guidance alone needs the teacher
+        ("twinflow", {}, 1),
+    ],
+)
+def test_teacher_session_is_entered_only_when_a_teacher_pass_runs(preset, overrides, sessions):
+    torch.manual_seed(0)
+    net = DualTimeMLP(num_classes=3, width=32, depth=1)
+    teacher = CountingTeacher(copy.deepcopy(net))
+    obj = TwinFlowObjective(TwinFlowConfig(preset=preset, kernels="eager", **overrides))
+    x, c, u = torch.randn(B, 2), torch.randint(0, 3, (B,)), torch.full((B,), 3)
+    out = obj.training_step(net, x, c, u, teacher)
+    assert torch.isfinite(out.loss)
+    assert teacher.sessions == sessions

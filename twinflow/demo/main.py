@@ -32,7 +32,7 @@ from twinflow.utils.typed_config import ConfigError
 REPO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_shapes.yaml"
 METHODS = ("twinflow", "flow_matching")
 # Second stage, on top of the pretraining config: start from the pretrained export, a lower rate.
-FINETUNE = ["optim.lr=3.0e-4", "optim.warmup_steps=5", "train.max_steps=150", "train.save_every=75", "model.transformer=null"]
+FINETUNE = ["optim.lr=3.0e-4", "optim.warmup_steps=5", "train.max_steps=100", "train.save_every=50", "model.transformer=null"]
 MIN_FREE_BYTES = 2 * 1024**3
 
 

@@ -15,6 +15,7 @@ the values of the rows that are used are exactly those of the specification.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -144,7 +145,10 @@ class TwinFlowObjective:
         # outside the teacher session, whose weights may be swapped into the same module in place.
         rcgm_on_online = cfg.ema_decay_rate == 1.0
         guided = target
-        with teacher.session() as teacher_model:
+        needs_teacher = cfg.enhanced_ratio != 0 or (use_rcgm and not rcgm_on_online)
+        # A session may swap weights and release gathered parameters (ZeRO-3): enter it only when a
+        # teacher pass runs (never, e.g., for the flow-matching preset).
+        with teacher.session() if needs_teacher else nullcontext() as teacher_model:
             if cfg.enhanced_ratio != 0:
                 rows = guide_rows(times.t, adv, self.arith)
                 v_c, v_u = self._guidance(teacher_model, x_t, times.t, cond, uncond, rows, target, x.dtype)
