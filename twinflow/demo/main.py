@@ -32,7 +32,8 @@ from twinflow.utils.typed_config import ConfigError
 REPO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_shapes.yaml"
 METHODS = ("twinflow", "flow_matching")
 # Second stage, on top of the pretraining config: start from the pretrained export, a lower rate.
-FINETUNE = ["optim.lr=3.0e-4", "optim.warmup_steps=5", "train.max_steps=100", "train.save_every=50", "model.transformer=null"]
+FINETUNE = ["optim.lr=3.0e-4", "optim.warmup_steps=5", "train.max_steps=100", "train.save_every=50", "train.log_every=5",
+            "model.transformer=null"]
 MIN_FREE_BYTES = 2 * 1024**3
 
 
@@ -97,11 +98,15 @@ def loss_curves(runs: dict[str, Path], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
+    offset = 0
     for name, run_dir in runs.items():
         rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
         steps = [r["step"] for r in rows if "loss" in r]
-        ax.plot(steps, [r["loss"] for r in rows if "loss" in r], label=name)
-    ax.set_xlabel("optimizer step")
+        # The fine-tunes continue from the pretraining's last step; plot them there.
+        ax.plot([offset + s for s in steps], [r["loss"] for r in rows if "loss" in r], label=name)
+        if name == "pretrain" and steps:
+            offset = steps[-1]
+    ax.set_xlabel("optimizer step (fine-tunes continue from the pretraining)")
     ax.set_ylabel("training loss")
     ax.set_yscale("log")
     ax.legend()
