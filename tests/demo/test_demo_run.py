@@ -39,3 +39,36 @@ def test_demo_reports_a_missing_launcher_without_a_traceback(tmp_path, monkeypat
 
     monkeypatch.setattr(demo.shutil, "which", lambda name: None)
     assert demo.main(["--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.parametrize("ranks, micro", [(1, 32), (2, 16), (8, 4), (16, 4)])
+def test_demo_keeps_the_global_batch_it_was_tuned_with(ranks, micro):
+    from twinflow.demo.main import GLOBAL_BATCH, micro_batch_size
+
+    assert GLOBAL_BATCH == 32
+    assert micro_batch_size(ranks) == micro
+
+
+def test_demo_launch_command_sets_the_micro_batch_before_user_overrides(tmp_path, monkeypatch):
+    from twinflow.demo import main as demo
+
+    seen = {}
+
+    class FakeProc:
+        stdout = iter(["train: 1/1\n"])
+        returncode = 0
+
+        def wait(self):
+            return 0
+
+    def fake_popen(cmd, env, **kwargs):
+        seen["cmd"], seen["env"] = cmd, env
+        return FakeProc()
+
+    monkeypatch.setattr(demo.torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(demo.subprocess, "Popen", fake_popen)
+    demo.launch(tmp_path / "c.yaml", ["train.micro_batch_size=8"], tmp_path / "log.txt")
+    cmd = seen["cmd"]
+    assert cmd[cmd.index("--num_gpus") + 1] == "2" and seen["env"]["DS_ACCELERATOR"] == "cpu"
+    sizes = [a for a in cmd if a.startswith("train.micro_batch_size=")]
+    assert sizes == ["train.micro_batch_size=16", "train.micro_batch_size=8"]  # the later one wins
