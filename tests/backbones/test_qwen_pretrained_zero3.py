@@ -3,6 +3,7 @@ Qwen-Image): every parameter equals the checkpoint, time_text_embed_2 is filled 
 and a checkpoint that does not fit is an error naming the key. One ZeRO-3 rank in a subprocess, so the
 test process's torch.distributed state stays untouched."""
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -38,7 +39,19 @@ WORKER = textwrap.dedent(
         for name, p in params.items():
             key = name if name in saved else name.replace("time_text_embed_2.", "time_text_embed.", 1)
             worst = max(worst, (p.detach() - saved[key]).abs().max().item())
-    print(json.dumps({"partitioned": partitioned, "worst": worst, "n": len(params)}))
+    # a checkpoint that does not fit a partitioned model fails before any gather (every rank alike)
+    from twinflow.backbones.qwen_image.pretrained_loading import load_checkpoint_into
+    from twinflow.backbones.qwen_image.tiny import tiny_transformer_config
+    from twinflow.backbones.qwen_image.transformer import TwinFlowQwenImageTransformer
+    from twinflow.utils.typed_config import ConfigError
+    with deepspeed.zero.Init(config_dict_or_path=ds):
+        wider = TwinFlowQwenImageTransformer(**{**tiny_transformer_config(), "joint_attention_dim": 48})
+    try:
+        load_checkpoint_into(wider, folder, twin_embedder=True)
+        mismatch = "no error"
+    except ConfigError as e:
+        mismatch = str(e)
+    print(json.dumps({"partitioned": partitioned, "worst": worst, "n": len(params), "mismatch": mismatch}))
     """
 )
 
@@ -61,10 +74,11 @@ def test_partitioned_model_equals_the_checkpoint(plain_checkpoint, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     proc = subprocess.run([sys.executable, str(script), str(plain_checkpoint), str(port)],
-                          capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "DS_ACCELERATOR": "cpu"})
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["partitioned"] and result["worst"] == 0.0
+    assert result["mismatch"].endswith("txt_norm.weight has shape (32,), the model's txt_norm.weight has (48,)")  # full shape, not the shard
     assert result["n"] == len(dict(TwinFlowQwenImageTransformer(**tiny_transformer_config()).named_parameters()))
 
 

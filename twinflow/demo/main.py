@@ -66,11 +66,6 @@ def free_port(preferred: int = 29500) -> int:
     raise DemoError("no free TCP port for DeepSpeed's rendezvous on 127.0.0.1")
 
 
-def num_ranks() -> int:
-    """Every GPU, or 2 CPU ranks without one."""
-    return torch.cuda.device_count() or 2
-
-
 def micro_batch_size(ranks: int) -> int:
     """Per-rank batch that keeps the global batch at :data:`GLOBAL_BATCH` (rounded down) on up to eight
     ranks, so the demo trains the same way on 2 CPU ranks, one GPU or eight. Never below 4: TwinFlow
@@ -84,7 +79,7 @@ def launch(config: Path, overrides: list[str], log: Path) -> None:
     env = dict(os.environ)
     if gpus == 0:
         env["DS_ACCELERATOR"] = "cpu"
-    ranks = num_ranks()
+    ranks = gpus or 2  # every GPU, or 2 CPU ranks without one
     overrides = [f"train.micro_batch_size={micro_batch_size(ranks)}", *overrides]  # user overrides come later and win
     cmd = ["deepspeed", "--num_gpus", str(ranks), "--num_nodes", "1", "--no_local_rank",
            "--master_port", str(free_port()), "--module", "twinflow.train", "--config", str(config), *overrides]
@@ -209,8 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"twinflow demo: {e}", file=sys.stderr)
         return 2
     tw, fm = results["twinflow"], results["flow_matching"]
-    # The bar is read on the online weights; the EMA teacher's numbers are reported beside them (after a
-    # short fine-tune its average still carries the pretrained weights, whose 1-NFE samples are poor).
+    # The bar is read on the online weights; the EMA teacher's numbers are reported beside them.
     bar = {
         "twinflow_1nfe_over_30nfe": round(tw["1nfe"]["score"] / max(tw["30nfe_multi"]["score"], 1e-9), 3),
         "twinflow_1nfe_minus_flow_matching_1nfe": round(tw["1nfe"]["score"] - fm["1nfe"]["score"], 3),

@@ -8,7 +8,8 @@ rank 0 copies the checkpoint's values in, and DeepSpeed re-partitions them on ex
 more than one module's full parameters, and only rank 0 reads the files.
 
 A plain Qwen-Image checkpoint has no ``time_text_embed_2``: it is filled from ``time_text_embed``
-(ALGORITHM.md §2). Any other missing key, an unexpected key or a shape mismatch is an error naming it.
+(ALGORITHM.md §2). Any other missing key, an unexpected key or a shape mismatch is an error naming it,
+raised on every rank before the first gather.
 """
 from __future__ import annotations
 
@@ -16,29 +17,31 @@ import json
 from pathlib import Path
 
 import torch
+from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors import safe_open
 from torch import nn
 
 from twinflow.utils.typed_config import ConfigError
 
-from .partitioned import gathered
+from .partitioned import gathered, is_partitioned
+from .transformer import TWIN_PREFIX
 
-WEIGHTS = "diffusion_pytorch_model.safetensors"
-TWIN_PREFIX = "time_text_embed_2."
 PRIMARY_PREFIX = "time_text_embed."
 
 
 def checkpoint_files(folder: Path) -> dict[str, Path]:
     """Checkpoint key -> the safetensors file holding it (single file or a sharded index)."""
-    index = folder / f"{WEIGHTS}.index.json"
+    index = folder / SAFE_WEIGHTS_INDEX_NAME
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
         return {key: folder / name for key, name in weight_map.items()}
-    single = folder / WEIGHTS
+    single = folder / SAFETENSORS_WEIGHTS_NAME
     if single.is_file():
         with safe_open(str(single), framework="pt") as f:
             return {key: single for key in f.keys()}
-    raise ConfigError(f"config key 'pretrained': {folder} holds neither {WEIGHTS} nor {WEIGHTS}.index.json")
+    raise ConfigError(
+        f"config key 'pretrained': {folder} holds neither {SAFETENSORS_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME}"
+    )
 
 
 def _source_keys(model: nn.Module, available: set[str], twin: bool, folder: Path) -> dict[str, str]:
@@ -63,12 +66,27 @@ def _source_keys(model: nn.Module, available: set[str], twin: bool, folder: Path
     return sources
 
 
+def _check_shapes(model: nn.Module, sources: dict[str, str], files: dict[str, Path], folder: Path) -> None:
+    """Every rank compares the checkpoint's shapes (file headers only) with the model's full shapes
+    before any gather, so a mismatch fails on all ranks alike instead of leaving ranks in a collective."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in set(files.values()):
+        with safe_open(str(path), framework="pt") as f:
+            shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+    for name, param in model.named_parameters():
+        key = sources[name]
+        full = tuple(param.ds_shape) if is_partitioned(param) else tuple(param.shape)
+        if shapes[key] != full:
+            raise ConfigError(f"checkpoint {folder}: {key} has shape {shapes[key]}, the model's {name} has {full}")
+
+
 @torch.no_grad()
 def load_checkpoint_into(model: nn.Module, folder: str | Path, twin_embedder: bool) -> None:
     """Copy the checkpoint in ``folder`` into ``model`` (partitioned or not), module by module."""
     folder = Path(folder)
     files = checkpoint_files(folder)
     sources = _source_keys(model, set(files), twin_embedder, folder)
+    _check_shapes(model, sources, files, folder)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     handles: dict[Path, object] = {}
     try:
@@ -84,11 +102,6 @@ def load_checkpoint_into(model: nn.Module, folder: str | Path, twin_embedder: bo
                     key = sources[name]
                     if files[key] not in handles:
                         handles[files[key]] = safe_open(str(files[key]), framework="pt")
-                    value = handles[files[key]].get_tensor(key)
-                    if tuple(value.shape) != tuple(param.shape):
-                        raise ConfigError(
-                            f"checkpoint {folder}: {key} has shape {tuple(value.shape)}, the model's {name} has {tuple(param.shape)}"
-                        )
-                    param.data.copy_(value.to(dtype=param.dtype))
+                    param.data.copy_(handles[files[key]].get_tensor(key).to(dtype=param.dtype))
     finally:
         handles.clear()
