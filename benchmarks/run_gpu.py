@@ -115,7 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("kernels", "e2e"), help="run one part only")
     parser.add_argument("--match", default="", help="kernel cases whose 'kernel/case' contains this text")
     parser.add_argument("--layers", type=int, default=4, help="double-stream blocks of the end-to-end model")
+    parser.add_argument("--env", action="store_true", help="print `twinflow env --json` (versions, import check) and stop")
     args = parser.parse_args(argv)
+    if args.env:
+        _import_from_checkout()
+        from twinflow.env import main as env_main
+
+        return env_main(["--json"])
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("TRITON_INTERPRET=1 is set: unset it, GPU kernels must be compiled", file=sys.stderr)
         return 2

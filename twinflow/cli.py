@@ -1,4 +1,4 @@
-"""The ``twinflow`` command: ``memory-plan``, ``train``, ``export``, ``sample`` and ``demo``.
+"""The ``twinflow`` command: ``memory-plan``, ``train``, ``export``, ``sample``, ``demo`` and ``env``.
 
 Subcommands live in a registry (:func:`register`), so a component can add its own without editing the
 parser; each one imports its heavy dependencies (torch, diffusers, DeepSpeed) only when it runs, so
@@ -41,6 +41,10 @@ class Subcommand:
     configure: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
     passthrough: bool = False
+    one_line_errors: bool = False
+    """Every exception is reported as one line (type and message); ``TWINFLOW_TRACEBACK=1`` shows the
+    traceback instead. For one-process commands (sample, export, memory-plan), where any failure is
+    about the user's inputs or machine; ``train`` and ``demo`` report their own failures."""
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {}
@@ -152,13 +156,14 @@ def _run_export(args: argparse.Namespace) -> int:
 def _configure_sample(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="the transformer: an exported folder (twinflow export) or a pipeline root")
     p.add_argument("--encoders", default=None,
-                   help="Qwen-Image folder with text_encoder/, tokenizer/ and vae/ (default: --model)")
+                   help="Qwen-Image folder with text_encoder/, tokenizer/ and vae/ (default: the one the export "
+                        "records, else --model)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
     p.add_argument("--preset", action="append", default=None,
                    help="sampler preset (repeatable; default: one_step few_step any_step multi_step)")
     p.add_argument("--output", default="samples", help="folder for the PNGs (default: ./samples)")
-    p.add_argument("--height", type=int, default=512)
-    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--height", type=int, default=None, help="default: the training image size the export records, else 512")
+    p.add_argument("--width", type=int, default=None, help="default: as --height")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
 
@@ -169,31 +174,42 @@ def _run_sample(args: argparse.Namespace) -> int:
     from twinflow.backbones.qwen_image.build import build_qwen_image_backbone
     from twinflow.backbones.qwen_image.config import QwenImageBackboneConfig
     from twinflow.backbones.qwen_image.encoders import QwenImageConditioner
+    from twinflow.data.latent_codec import LatentCodec
     from twinflow.sampling import SAMPLER_PRESETS
+    from twinflow.training.export import EXPORT_RECORD, read_export_record
     from twinflow.training.observability import SamplePrompts, write_sample_grids
 
     presets = args.preset or ["one_step", "few_step", "any_step", "multi_step"]
     unknown = [p for p in presets if p not in SAMPLER_PRESETS]
     if unknown:
         raise CLIError(f"unknown --preset {unknown}; choose from {sorted(SAMPLER_PRESETS)}")
-    for key in ("height", "width"):
-        if getattr(args, key) < 16 or getattr(args, key) % 16:
-            raise CLIError(f"--{key} must be a positive multiple of 16, got {getattr(args, key)}")
-    for key in ("model", "encoders"):
-        folder = getattr(args, key)
-        if folder is not None and not Path(folder).is_dir():
-            raise CLIError(f"--{key} {folder}: no such folder")
+    if not Path(args.model).is_dir():
+        raise CLIError(f"--model {args.model}: no such folder")
+    # What the run trained with, as its export records it: encoders, latent codec, image size.
+    recorded = read_export_record(args.model).get("sampling") or {}
+    codec = LatentCodec.parse(recorded.get("latent_codec"))
+    encoders = args.encoders or recorded.get("encoders") or args.model
+    if not Path(encoders).is_dir():
+        source = "--encoders" if args.encoders else f"the encoder folder recorded in {Path(args.model) / EXPORT_RECORD}"
+        raise CLIError(f"{source} {encoders}: no such folder (pass --encoders)")
+    height = args.height or recorded.get("image_size") or 512
+    width = args.width or args.height or recorded.get("image_size") or 512
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = "bfloat16" if device.type == "cuda" else "float32"
     backbone = build_qwen_image_backbone(QwenImageBackboneConfig(pretrained=args.model, dtype=dtype_name), device)
     conditioner = QwenImageConditioner.from_pretrained(
-        args.encoders or args.model, text_encoder_dtype=getattr(torch, dtype_name), vae_dtype=getattr(torch, dtype_name), device=device
+        encoders, text_encoder_dtype=getattr(torch, dtype_name), vae_dtype=getattr(torch, dtype_name), device=device
     )
-    factor = conditioner.vae_scale_factor
-    prompts = SamplePrompts(
-        conditioner.encode_prompts(args.prompt), list(args.prompt),
-        (conditioner.latent_channels, args.height // factor, args.width // factor), conditioner.latents_to_pixels,
-    )
+    multiple = codec.size_multiple(conditioner)
+    for key, value in (("height", height), ("width", width)):
+        if value < multiple or value % multiple:
+            raise CLIError(f"--{key} must be a positive multiple of {multiple} (latent codec {codec.name}), got {value}")
+    shape = codec.latent_shape(height, width, conditioner)
+    expected = backbone.latent_channels
+    if shape[0] != expected:
+        raise CLIError(f"the transformer expects {expected} latent channels but the latent codec {codec.name!r} "
+                       f"(encoders {encoders}) gives {shape[0]}: pass the encoders the model was trained with")
+    prompts = SamplePrompts(conditioner.encode_prompts(args.prompt), list(args.prompt), shape, codec.decoder(conditioner))
     written = write_sample_grids(args.output, "sample", backbone.eval(), prompts, presets, device=device, seed=args.seed)
     for path in written.values():
         print(path)
@@ -227,13 +243,16 @@ def _optional_entry_point(module: str, what: str) -> Callable[[list[str]], int |
 
 
 register(Subcommand("memory-plan", "per-GPU memory budget of a training config under ZeRO-3; exit 1 if it does not fit",
-                    _configure_memory_plan, _run_memory_plan))
+                    _configure_memory_plan, _run_memory_plan, one_line_errors=True))
 register(Subcommand("train", "launch training with the DeepSpeed launcher (all GPUs, or 2 CPU ranks)",
                     _configure_train, _run_train))
 register(Subcommand("export", "export a checkpoint as a diffusers model folder", _configure_passthrough, _run_export,
-                    passthrough=True))
-register(Subcommand("sample", "sample PNGs from an exported model folder", _configure_sample, _run_sample))
+                    passthrough=True, one_line_errors=True))
+register(Subcommand("sample", "sample PNGs from an exported model folder", _configure_sample, _run_sample,
+                    one_line_errors=True))
 register(Subcommand("demo", "run the end-to-end demo", _configure_passthrough, _run_demo, passthrough=True))
+register(Subcommand("env", "versions, accelerator and the import check (attach to bug reports)", _configure_passthrough,
+                    lambda args: int(_optional_entry_point("twinflow.env", "env")(args.args) or 0), passthrough=True))
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -279,9 +298,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"twinflow {command.name}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as e:
-        if not _is_user_facing(e):
+        if _is_user_facing(e):
+            print(f"twinflow {command.name}: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        if not command.one_line_errors or os.environ.get("TWINFLOW_TRACEBACK") == "1":
             raise
-        print(f"twinflow {command.name}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split()) or "(no message)"
+        print(f"twinflow {command.name}: error: {type(e).__name__}: {message} "
+              "(TWINFLOW_TRACEBACK=1 shows where)", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -1,83 +1,118 @@
-"""Our Triton folder is ``kernels/`` in the repository but installs as ``twinflow.kernels``: the
-top-level name ``kernels`` belongs to Hugging Face's distribution, which diffusers uses for hub
-attention backends. These checks run in subprocesses so that ``sys.path`` is exactly what a user gets:
-from the repository root (where the folder *is* importable as ``kernels``) and from elsewhere."""
+"""Our Triton folder is ``kernels/`` in the repository but installs as ``twinflow.kernels``; the top-level
+name ``kernels`` belongs to Hugging Face's distribution, which transformers >= 5.25 imports eagerly from
+``transformers.modeling_utils``. Every way of starting a process from the repository root puts the root
+on ``sys.path``, where our folder would win; each entry point below runs ``twinflow env`` (which imports
+``transformers.PreTrainedModel`` and ``twinflow.kernels``) as a user would start it, from the root, and
+checks where both names resolved.
+
+Entry points: ``python -m`` and ``deepspeed --module`` (what ``twinflow demo`` and ``twinflow train``
+launch), the ``twinflow`` console script, ``python benchmarks/run_gpu.py`` (which puts the root on
+``sys.path`` itself), a user's script saved in the root, and the pytest process itself, which has the
+root on ``sys.path`` because ``benchmarks/`` is a package (the test at the bottom runs inside it). The
+demo's own launches are covered end to end by ``tests/demo/test_demo_run.py``.
+"""
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import os
+import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
 
-_PROBE = textwrap.dedent('''
-    import importlib.metadata, importlib.util, json, os, sys
-    import torch
-    import diffusers.utils
-    from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
-    import twinflow.kernels
-    import twinflow.kernels.dual_time_embedding as dte
 
+def _hf_kernels_installed() -> bool:
     try:
         importlib.metadata.version("kernels")
-        hf_kernels_installed = True
+        return True
     except importlib.metadata.PackageNotFoundError:
-        hf_kernels_installed = False
-
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 7, 3, 16) for _ in range(3))  # (batch, seq, heads, head_dim)
-    out = dispatch_attention_fn(q, k, v, backend=AttentionBackendName.NATIVE)
-    sdpa = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-
-    spec = importlib.util.find_spec("kernels")
-    print(json.dumps({
-        "cwd_on_path": os.getcwd() in [os.path.abspath(p or ".") for p in sys.path],
-        "top_level_origin": spec.origin if spec else None,
-        "hf_kernels_installed": hf_kernels_installed,
-        "is_kernels_available": diffusers.utils.is_kernels_available(),
-        "attention_max_diff": (out - sdpa).abs().max().item(),
-        "package_file": twinflow.kernels.__file__,
-        "module_name": dte.__name__,
-        "module_file": dte.__file__,
-        "top_level_imported": "kernels" in sys.modules,
-    }))
-''')
+        return False
 
 
-def _probe(cwd: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-c", _PROBE], cwd=cwd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def _check(report: dict) -> None:
+    imports = report["imports"]
+    assert imports["ok"], imports
+    assert imports["twinflow_kernels_module"] == str(REPO_ROOT / "kernels" / "dual_time_embedding.py")
+    top = imports["kernels_module"]
+    if _hf_kernels_installed():
+        assert top is not None and not Path(top).resolve().is_relative_to(REPO_ROOT / "kernels"), top
+    else:
+        assert top is None
 
 
-def test_repo_root_folder_does_not_shadow_anything():
-    got = _probe(REPO_ROOT)
-    # The premise: from the repository root, our folder is visible under the top-level name.
-    assert got["cwd_on_path"]
-    assert got["top_level_origin"] == str(REPO_ROOT / "kernels" / "__init__.py")
-    # diffusers reports Hugging Face's distribution only, never our folder.
-    assert got["is_kernels_available"] == got["hf_kernels_installed"]
-    # Attention dispatch (which would reach for `kernels` on hub backends) still works.
-    assert got["attention_max_diff"] <= 1e-6
-    # Our package resolves under its installed name, and nothing imported the top-level name.
-    assert got["package_file"] == str(REPO_ROOT / "kernels" / "__init__.py")
-    assert got["module_name"] == "twinflow.kernels.dual_time_embedding"
-    assert got["module_file"] == str(REPO_ROOT / "kernels" / "dual_time_embedding.py")
-    assert not got["top_level_imported"]
+def _run(cmd: list[str], *, env: dict | None = None, timeout: int = 300) -> dict:
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert lines, proc.stdout[-3000:]
+    return json.loads(lines[-1])
+
+
+def test_python_dash_m_from_the_root():
+    report = _run([sys.executable, "-m", "twinflow.env", "--json"])
+    assert report["imports"]["sys_path_0"] == str(REPO_ROOT)  # the premise: the root comes first
+    _check(report)
+
+
+def test_console_script_from_the_root():
+    _check(_run([str(BIN / "twinflow"), "env", "--json"]))
+
+
+def test_run_gpu_script_which_inserts_the_root():
+    _check(_run([sys.executable, str(REPO_ROOT / "benchmarks" / "run_gpu.py"), "--env"]))
+
+
+def test_a_users_script_saved_in_the_root():
+    script = REPO_ROOT / f"_import_probe_{os.getpid()}.py"
+    script.write_text("import sys\nfrom twinflow.env import main\nsys.exit(main(['--json']))\n")
+    try:
+        _check(_run([sys.executable, str(script)]))
+    finally:
+        script.unlink()
+
+
+@pytest.mark.distributed
+def test_deepspeed_module_launch_from_the_root():
+    """One CPU rank through the real launcher, which also prepends the working directory to PYTHONPATH."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "1", "--master_port", str(port), "--no_local_rank",
+           "--module", "twinflow.env", "--json"]
+    _check(_run(cmd, env={"DS_ACCELERATOR": "cpu", "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}))
+
+
+def test_import_kernels_means_hugging_faces_distribution_in_this_process():
+    """Under ``make test`` (``pytest tests benchmarks``) this process has the repository root on
+    ``sys.path``, because ``benchmarks/`` is a package."""
+    from transformers import PreTrainedModel  # noqa: F401
+
+    if not _hf_kernels_installed():
+        with pytest.raises(ModuleNotFoundError, match="kernels"):
+            import kernels  # noqa: F401
+        return
+    import kernels
+
+    assert not Path(kernels.__file__).resolve().is_relative_to(REPO_ROOT / "kernels")
+    from kernels import CUDAProperties  # noqa: F401  (what transformers' hub integration imports)
 
 
 def test_installed_package_does_not_claim_the_top_level_name(tmp_path):
-    """Away from the repository root the editable install maps only ``twinflow.*``: the top-level
-    name ``kernels`` is left to Hugging Face's distribution (located without importing anything)."""
+    """Away from the repository root the install maps only ``twinflow.*``: the top-level name
+    ``kernels`` is left to Hugging Face's distribution (located without importing anything)."""
     probe = ("import importlib.util, json; spec = importlib.util.find_spec; top = spec('kernels'); "
              "ours = spec('twinflow.kernels.dual_time_embedding'); "
              "print(json.dumps([top.origin if top else None, ours.origin, ours.name]))")
     proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     top_origin, our_origin, our_name = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert top_origin is None or not top_origin.startswith(str(REPO_ROOT))
+    assert top_origin is None or not Path(top_origin).resolve().is_relative_to(REPO_ROOT / "kernels")
     assert our_origin == str(REPO_ROOT / "kernels" / "dual_time_embedding.py")
     assert our_name == "twinflow.kernels.dual_time_embedding"
