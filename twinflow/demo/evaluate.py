@@ -110,3 +110,30 @@ def save_grid(path: Path, images: list[np.ndarray], prompts: list[Prompt], per_r
 def grid_images(images: list[np.ndarray], n_prompts: int, samples_per_prompt: int, show: int) -> list[np.ndarray]:
     """Reorder prompt-major for a grid: the first ``show`` prompts, all their samples in a row."""
     return [images[s * n_prompts + p] for p in range(show) for s in range(samples_per_prompt)]
+
+
+def comparison_rows(n_prompts: int, rows: int = 12) -> list[int]:
+    """``rows`` prompt indices spread evenly over the prompt list (every shape, colour and layout kind)."""
+    rows = min(rows, n_prompts)
+    return [round(i * (n_prompts - 1) / max(rows - 1, 1)) for i in range(rows)]
+
+
+def save_comparison(path: Path, columns: list[tuple[str, list[np.ndarray]]], prompts: list[Prompt], rows: list[int],
+                    scale: int = 3) -> None:
+    """One compact figure: a row per prompt in ``rows`` (its first sample), a column per
+    ``(header, images)``; ``images`` are a setting's samples in prompt order (sample 0 first), and the
+    header carries the setting's name and score."""
+    h, w, _ = columns[0][1][0].shape
+    cell_h, cell_w, caption_w, header_h, gap = h * scale, w * scale, 190, 34, 4
+    canvas = Image.new("RGB", (caption_w + len(columns) * (cell_w + gap), header_h + len(rows) * (cell_h + gap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, (header, _) in enumerate(columns):
+        draw.multiline_text((caption_w + c * (cell_w + gap), 2), header, fill="black", spacing=2)
+    for r, p in enumerate(rows):
+        y = header_h + r * (cell_h + gap)
+        draw.text((4, y + cell_h // 2 - 6), prompts[p].text, fill="black")
+        for c, (_, images) in enumerate(columns):
+            tile = Image.fromarray(images[p]).resize((cell_w, cell_h), Image.NEAREST)
+            canvas.paste(tile, (caption_w + c * (cell_w + gap), y))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)

@@ -35,6 +35,7 @@ METHODS = ("twinflow", "flow_matching")
 FINETUNE = ["optim.lr=3.0e-4", "optim.warmup_steps=5", "train.max_steps=100", "train.save_every=50", "train.log_every=5",
             "model.transformer=null"]
 MIN_FREE_BYTES = 2 * 1024**3
+COMPARISON_PNG = "comparison.png"
 # The batch the demo was tuned with (2 CPU ranks x 16); launch() divides it among the ranks.
 GLOBAL_BATCH = 32
 
@@ -127,6 +128,21 @@ def loss_curves(runs: dict[str, Path], path: Path) -> None:
     plt.close(fig)
 
 
+# The comparison figure's columns: (export, setting, header).
+COMPARISON = [("twinflow", "1nfe", "TwinFlow\n1 NFE"), ("twinflow", "2nfe", "TwinFlow\n2 NFE"),
+              ("twinflow", "4nfe_any", "TwinFlow\n4 NFE"), ("twinflow", "30nfe_multi", "TwinFlow\n30 NFE"),
+              ("flow_matching", "1nfe", "flow match.\n1 NFE"), ("flow_matching", "30nfe_multi", "flow match.\n30 NFE")]
+
+
+def write_comparison(path: Path, results: dict, images: dict, prompts) -> None:
+    """The one figure to read at a glance: a dozen prompts, TwinFlow at 1/2/4/30 NFE beside flow
+    matching at 1/30 NFE (online weights), each column headed by its score."""
+    from .evaluate import comparison_rows, save_comparison
+
+    columns = [(f"{header}: {results[name][label]['score']:.2f}", images[name][label]) for name, label, header in COMPARISON]
+    save_comparison(path, columns, prompts, comparison_rows(len(prompts)))
+
+
 def evaluate_exports(inputs, exports: dict[str, Path], out: Path, samples_per_prompt: int) -> dict:
     from twinflow.backbones.qwen_image.backbone import QwenImageBackbone
     from twinflow.backbones.qwen_image.encoders import QwenImageConditioner
@@ -141,6 +157,7 @@ def evaluate_exports(inputs, exports: dict[str, Path], out: Path, samples_per_pr
     cond = conditioner.encode_prompts([p.text for p in prompts])
     del conditioner
     results: dict = {}
+    images: dict = {}
     for name, folder in exports.items():
         transformer = TwinFlowQwenImageTransformer.from_pretrained(str(folder), torch_dtype=torch.float32)
         model = QwenImageBackbone(transformer.eval(), dtype=torch.float32, edit=False)
@@ -148,11 +165,14 @@ def evaluate_exports(inputs, exports: dict[str, Path], out: Path, samples_per_pr
         latent_shape = (c.out_channels, IMAGE_SIZE // FOLD, IMAGE_SIZE // FOLD)
         settings = evaluate(model, prompts, cond, latent_shape, latents_to_pixels, samples_per_prompt, desc=f"sampling {name}")
         results[name] = {}
+        images[name] = {r.label: r.images for r in settings}
         for r in settings:
             results[name][r.label] = {"nfe": r.nfe, **{k: round(v, 4) for k, v in r.scores.items()}}
             grid = grid_images(r.images, len(prompts), samples_per_prompt, show=len(prompts))
             save_grid(out / "samples" / f"{name}_{r.label}.png", grid, prompts, samples_per_prompt,
                       f"{name}, {r.label} ({r.nfe} NFE): score {r.scores['score']:.2f}")
+    if all(name in images for name, _, _ in COMPARISON):
+        write_comparison(out / COMPARISON_PNG, results, images, prompts)
     return results
 
 
@@ -219,8 +239,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"bar: TwinFlow 1-NFE / 30-NFE = {bar['twinflow_1nfe_over_30nfe']:.2f} (>= 0.8), "
           f"TwinFlow 1-NFE - flow matching 1-NFE = {bar['twinflow_1nfe_minus_flow_matching_1nfe']:+.2f}: "
           f"{'met' if bar['passes'] else 'NOT met'}")
-    print(f"\nsample grids:  {out / 'samples'}")
+    print(f"\ncomparison:    {out / COMPARISON_PNG}")
+    print(f"sample grids:  {out / 'samples'}")
     print(f"loss curve:    {out / 'loss_curve.png'}")
     print(f"metrics:       {out / 'metrics.json'}")
     print(f"exported EMA:  {out / 'export'} (diffusers format)")
+    print(f"\nsample from it (the export records its encoders, latent codec and image size):\n  {sample_command(out)}")
     return 0
+
+
+def sample_command(out: Path) -> str:
+    """The ``twinflow sample`` command that draws from the demo's TwinFlow EMA export."""
+    import shlex
+
+    return shlex.join(["twinflow", "sample", "--model", str(out / "export" / "twinflow_ema"),
+                       "--prompt", "two red squares", "--output", str(out / "sampled")])

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as Fn
 from PIL import Image
 from tqdm import tqdm
 
@@ -27,6 +26,7 @@ from twinflow.backbones.qwen_image.tiny_encoders import save_tiny_model_folder
 from twinflow.data.batch import TrainBatch
 from twinflow.data.cache import MANIFEST_NAME, CacheWriter
 from twinflow.data.config import DataConfig
+from twinflow.data.latent_codec import LatentCodec, pixel_fold_name
 from twinflow.data.loader import iter_batches_in_order
 from twinflow.data.raw import build_raw_dataset
 from twinflow.data.stats import DataStats
@@ -35,17 +35,18 @@ from .shapes import ShapesDataset
 
 IMAGE_SIZE = 32
 FOLD = 4
-LATENT_CODEC = f"pixel_unshuffle_{FOLD}"
+LATENT_CODEC = pixel_fold_name(FOLD)
+CODEC = LatentCodec.parse(LATENT_CODEC)
 DONE_MARKER = "demo_inputs.json"
 
 
 def pixels_to_latents(pixels: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] -> (B, 3 F^2, H/F, W/F); exactly inverted by :func:`latents_to_pixels`."""
-    return Fn.pixel_unshuffle(pixels, FOLD)
+    return CODEC.encode(pixels)
 
 
 def latents_to_pixels(latents: torch.Tensor) -> torch.Tensor:
-    return Fn.pixel_shuffle(latents, FOLD)
+    return CODEC.decoder()(latents)
 
 
 @dataclass(frozen=True)

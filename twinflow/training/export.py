@@ -35,6 +35,9 @@ from twinflow.utils.typed_config import from_dict
 
 Weights = Literal["online", "ema"]
 BACKBONE_PREFIX = "transformer."
+EXPORT_RECORD = "twinflow_export.json"
+"""Written beside the weights: which weights, and what ``twinflow sample`` needs to draw from them
+(``sampling``: the encoder folder, the latent codec and the image size the run trained with)."""
 
 
 class ExportError(RuntimeError):
@@ -55,8 +58,41 @@ def _plain_transformer(transformer_config: dict[str, Any], model_config: Any) ->
     return transformer
 
 
+def sampling_record(data: Any) -> dict[str, Any]:
+    """What the run's data says about sampling from its model. ``data`` is the run's ``data`` section
+    (the dataclass, or its dict from ``meta.json``). With a cache, its fingerprint names the encoder
+    folder, the latent codec and the image size; without one (or when the cache is gone) only the image
+    size and the VAE codec are known, and ``twinflow sample`` needs ``--encoders``."""
+    from twinflow.data.cache import read_manifest
+    from twinflow.data.latent_codec import VAE
+    from twinflow.data.stats import DataError
+
+    get = data.get if isinstance(data, dict) else lambda key, default=None: getattr(data, key, default)
+    record: dict[str, Any] = {"latent_codec": VAE, "image_size": get("image_size"), "encoders": None}
+    if get("use_cache") and get("cache_dir"):
+        try:
+            fingerprint = read_manifest(get("cache_dir"))["fingerprint"]
+        except DataError:
+            return record
+        record.update(latent_codec=fingerprint.get("latent_codec", VAE), encoders=fingerprint.get("model_path"),
+                      image_size=fingerprint.get("image_size", record["image_size"]))
+    return record
+
+
+def read_export_record(folder: str | Path) -> dict[str, Any]:
+    """The export's record (empty for folders written by something else, e.g. a published model)."""
+    path = Path(folder) / EXPORT_RECORD
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{path} is not valid JSON ({e})") from e
+
+
 def write_export(state: dict[str, torch.Tensor], transformer_config: dict[str, Any], model_config: Any,
-                 out: str | Path, *, weights: Weights, merge_lora: bool = False) -> Path:
+                 out: str | Path, *, weights: Weights, merge_lora: bool = False,
+                 sampling: Optional[dict[str, Any]] = None) -> Path:
     """Write ``state`` (the transformer's full state dict) as described in the module docstring."""
     from twinflow.backbones.qwen_image.lora import ADAPTER, EMA_ADAPTER
 
@@ -87,7 +123,8 @@ def write_export(state: dict[str, torch.Tensor], transformer_config: dict[str, A
         if merge_lora:
             raise ExportError("merge_lora is for LoRA runs; this model has no adapters")
         transformer.save_pretrained(str(tmp), safe_serialization=True)
-    (tmp / "twinflow_export.json").write_text(json.dumps({"weights": weights, "merged_lora": merge_lora}, indent=1))
+    record = {"weights": weights, "merged_lora": merge_lora, "sampling": sampling or {}}
+    (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=1))
     if out.exists():
         shutil.rmtree(out)
     os.rename(tmp, out)
@@ -124,7 +161,7 @@ def export_from_trainer(trainer: Any, out: str | Path, *, weights: Weights = "em
     path = None
     if trainer.dist.is_main:
         path = write_export(state, dict(trainer.backbone.transformer.config), trainer.config.model, out,
-                            weights=weights, merge_lora=merge_lora)
+                            weights=weights, merge_lora=merge_lora, sampling=sampling_record(trainer.config.data))
     from .distributed import barrier
 
     barrier()
@@ -203,7 +240,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, weights: Weigh
 
         base = build_qwen_image_backbone(model_config, "cpu").transformer.state_dict()
         state.update({k: base[k] for k in missing})
-    return write_export(state, transformer_config, model_config, out, weights=weights, merge_lora=merge_lora)
+    return write_export(state, transformer_config, model_config, out, weights=weights, merge_lora=merge_lora,
+                        sampling=sampling_record(meta["config"].get("data", {})))
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -205,8 +205,10 @@ def encoded_sample_prompts(cache_dir: str | Path, sampling: SamplingSection, *, 
     released right after; only the VAE is kept, and only when ``decode`` (the rank that writes)."""
     from twinflow.backbones.qwen_image.encoders import QwenImageConditioner
     from twinflow.data.cache import read_manifest
+    from twinflow.data.latent_codec import LatentCodec
 
     fingerprint = read_manifest(cache_dir)["fingerprint"]
+    codec = LatentCodec.from_fingerprint(fingerprint)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     conditioner = QwenImageConditioner.from_pretrained(
         fingerprint["model_path"],
@@ -219,9 +221,8 @@ def encoded_sample_prompts(cache_dir: str | Path, sampling: SamplingSection, *, 
     prompts = list(sampling.prompts)
     conditions = conditioner.encode_prompts(prompts)
     conditioner.text_encoder = None  # frees ~16 GB of host memory; from here on only the VAE is used
-    factor = conditioner.vae_scale_factor
-    shape = (conditioner.latent_channels, sampling.height // factor, sampling.width // factor)
-    return SamplePrompts(conditions, prompts, shape, conditioner.latents_to_pixels if decode else None)
+    shape = codec.latent_shape(sampling.height, sampling.width, conditioner)
+    return SamplePrompts(conditions, prompts, shape, codec.decoder(conditioner) if decode else None)
 
 
 def _broadcast_from_rank0(prompts: SamplePrompts | None) -> SamplePrompts:
