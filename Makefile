@@ -1,19 +1,30 @@
-# Set-up and the two entry points of the README. Everything installs into .venv on first use.
+# Set-up and the two entry points of the README. Everything installs into .venv on first use, at the
+# exact versions in constraints.txt (the ones the suite is green with). `make test-latest` is the
+# deliberate drift check: a separate .venv-latest with the newest versions setup.py allows.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CONSTRAINTS := constraints.txt
+# The CPU build of torch that these machines install; GPU machines bring their own torch.
+TORCH := torch==2.13.0
+LATEST := .venv-latest
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench test-latest clean
 
-$(STAMP): setup.py
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip setuptools wheel
+# $(1): the venv folder; $(2): extra pip arguments (the constraints, or --upgrade for the drift check).
+define install
+	$(PY) -m venv $(1)
+	$(1)/bin/pip install $(2) --upgrade pip setuptools wheel
 	# The CPU build of torch first: anything that asks for torch later must find it satisfied.
-	$(BIN)/pip install torch==2.13.0
+	$(1)/bin/pip install $(2) $(TORCH)
 	# DeepSpeed builds against the installed torch; build isolation would fetch a CUDA torch.
-	$(BIN)/pip install --no-build-isolation "deepspeed>=0.16"
-	$(BIN)/pip install --no-build-isolation -e ".[dev]"
+	$(1)/bin/pip install $(2) --no-build-isolation deepspeed
+	$(1)/bin/pip install $(2) --no-build-isolation -e ".[dev]"
+endef
+
+$(STAMP): setup.py $(CONSTRAINTS)
+	$(call install,$(VENV),-c $(CONSTRAINTS))
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -30,5 +41,12 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(RUN) $(BIN)/pytest -q benchmarks --benchmark-only
 
+# Newest versions allowed by setup.py (torch stays the machine's CPU build), then the whole suite.
+test-latest:
+	rm -rf $(LATEST)
+	$(call install,$(LATEST),--upgrade --upgrade-strategy eager -c .ci/latest-constraints.txt)
+	$(LATEST)/bin/twinflow env
+	PATH="$(abspath $(LATEST))/bin:$$PATH" $(LATEST)/bin/pytest -q tests benchmarks
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LATEST)

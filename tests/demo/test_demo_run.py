@@ -6,10 +6,13 @@ launches on 2 CPU ranks, loading a pretrained checkpoint into ZeRO-3 partitions,
 exports, evaluation), not the quality.
 """
 import json
+import shlex
+import shutil
 import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 pytestmark = pytest.mark.distributed
 
@@ -32,6 +35,37 @@ def test_demo_smoke(tmp_path):
         assert (out / "export" / method).is_dir()
     assert (out / "loss_curve.png").is_file()
     assert "metrics:" in proc.stdout and str(out / "metrics.json") in proc.stdout
+
+    # The comparison figure: 12 prompts x 6 settings (TwinFlow 1/2/4/30 NFE, flow matching 1/30 NFE),
+    # 32 px samples shown at 3x with 4 px gaps, a 190 px caption column and a 34 px header row.
+    from twinflow.demo.main import COMPARISON
+
+    assert len(COMPARISON) == 6
+    assert Image.open(out / "comparison.png").size == (190 + 6 * (96 + 4), 34 + 12 * (96 + 4))
+
+    # The printed sample command draws from the EMA export with the prompt alone: the export records
+    # the encoders, the pixel-fold codec and the 32 px image size.
+    printed = proc.stdout.strip().splitlines()[-1].strip()
+    assert printed.startswith("twinflow sample --model ") and "--encoders" not in printed and "--height" not in printed
+    args = shlex.split(printed)[1:]
+    sampled = subprocess.run([sys.executable, "-m", "twinflow.cli", *args], capture_output=True, text=True, timeout=300)
+    assert sampled.returncode == 0, sampled.stdout[-3000:] + sampled.stderr[-3000:]
+    grids = [line for line in sampled.stdout.splitlines() if line.endswith(".png")]
+    assert len(grids) == 4 and all(Image.open(g).size[0] > 0 for g in grids)
+
+    # A copy without the record falls back to the VAE codec of --encoders: the tiny Qwen-Image VAE has 4
+    # latent channels, the demo model 48. One line naming both numbers, no traceback.
+    bare = tmp_path / "bare_export"
+    shutil.copytree(out / "export" / "twinflow_ema", bare)
+    (bare / "twinflow_export.json").unlink()
+    wrong = subprocess.run([sys.executable, "-m", "twinflow.cli", "sample", "--model", str(bare), "--encoders",
+                            str(out / "models" / "conditioner"), "--prompt", "x", "--height", "32"],
+                           capture_output=True, text=True, timeout=300)
+    assert wrong.returncode == 2, wrong.stderr[-3000:]
+    message = [line for line in wrong.stderr.splitlines() if "error" in line.lower()]  # besides loading progress bars
+    assert "Traceback" not in wrong.stderr, wrong.stderr
+    assert len(message) == 1 and message[0].startswith("twinflow sample: error: "), wrong.stderr
+    assert "expects 48 latent channels" in message[0] and "gives 4" in message[0], wrong.stderr
 
 
 def test_demo_reports_a_missing_launcher_without_a_traceback(tmp_path, monkeypatch):
