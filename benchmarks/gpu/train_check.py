@@ -37,7 +37,8 @@ def _port() -> int:
 
 
 def command(run_dir: Path, extra: list[str]) -> list[str]:
-    return ["deepspeed", "--num_gpus", "1", "--no_local_rank", "--master_port", str(_port()), "--module",
+    # The launcher through its module: a --target install has no console script on PATH.
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--no_local_rank", "--master_port", str(_port()), "--module",
             "twinflow.train", "--config", str(CONFIG), f"train.output_dir={run_dir}", *COMMON, *extra]
 
 

@@ -117,3 +117,24 @@ def test_launcher_entry_point_reports_config_errors(tmp_path):
     )
     assert proc.returncode == 2
     assert "'optim.lrr'" in proc.stderr
+
+
+@pytest.mark.parametrize("value, fixed", [
+    ("9.0a", "9.0"),
+    ("8.0;9.0a+PTX", "8.0;9.0+PTX"),
+    ("9.0 9.0a 10.0f", "9.0;10.0"),
+    ("8.0;9.0", None),  # already readable: left alone
+    ("", None),
+    (None, None),
+])
+def test_cuda_arch_list_is_made_readable_for_deepspeeds_op_builder(value, fixed):
+    """An H200 image sets TORCH_CUDA_ARCH_LIST with '9.0a'; DeepSpeed 0.19.8's JIT builder then dies
+    creating FusedAdam (int('0a')). The rewritten list must parse the way that builder parses it."""
+    from twinflow.training.deepspeed_config import deepspeed_arch_list, prepare_jit_environment
+
+    assert deepspeed_arch_list(value) == fixed
+    env = {} if value is None else {"TORCH_CUDA_ARCH_LIST": value}
+    assert prepare_jit_environment(env) == fixed
+    readable = env.get("TORCH_CUDA_ARCH_LIST", "")
+    for cc in [c for c in readable.replace(" ", ";").split(";") if c]:
+        tuple(int(part.split("+")[0]) for part in cc.split("."))  # DeepSpeed's sort key

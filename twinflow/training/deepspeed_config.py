@@ -104,3 +104,41 @@ def build_deepspeed_config(config: TrainConfig, world_size: int, *, on_cpu: bool
         "wall_clock_breakdown": False,
     }
     return _merge(base, ds.extra)
+
+
+def deepspeed_arch_list(value: str | None) -> str | None:
+    """``TORCH_CUDA_ARCH_LIST`` as DeepSpeed's JIT op builder can read it, or None when it needs no change.
+
+    PyTorch accepts architecture-specific entries such as ``9.0a`` (Hopper's wgmma/TMA features) and CUDA
+    images for H100/H200 set them. DeepSpeed 0.19.8's builder sorts the list by ``int`` of each dotted
+    part and dies with ``invalid literal for int() with base 10: '0a'`` the first time it JIT-builds an
+    op, i.e. when FusedAdam is created at ``deepspeed.initialize`` (seen on an H200 with torch 2.11 and
+    ``TORCH_CUDA_ARCH_LIST`` from the image). The optimizer ops use no architecture-specific
+    instructions, so the suffix is dropped (``9.0a`` -> ``9.0``; ``+PTX`` is kept) and duplicates merged.
+    """
+    if not value or not value.strip():
+        return None
+    entries: list[str] = []
+    for raw in value.replace(" ", ";").split(";"):
+        raw = raw.strip()
+        if not raw:
+            continue
+        arch, plus, ptx = raw.partition("+")
+        major, dot, minor = arch.partition(".")
+        cleaned = major + dot + minor.rstrip("abcdefghijklmnopqrstuvwxyz") + plus + ptx
+        if cleaned not in entries:
+            entries.append(cleaned)
+    fixed = ";".join(entries)
+    return None if fixed == value else fixed
+
+
+def prepare_jit_environment(environ: dict[str, str] | None = None) -> str | None:
+    """Rewrite ``TORCH_CUDA_ARCH_LIST`` in ``environ`` (default ``os.environ``) for DeepSpeed's op
+    builder before ``deepspeed.initialize``; returns the new value when it changed it."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    fixed = deepspeed_arch_list(environ.get("TORCH_CUDA_ARCH_LIST"))
+    if fixed is not None:
+        environ["TORCH_CUDA_ARCH_LIST"] = fixed
+    return fixed

@@ -47,7 +47,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .data import build_loader
-from .deepspeed_config import build_deepspeed_config
+from .deepspeed_config import build_deepspeed_config, prepare_jit_environment
 from .export import Weights, export_from_trainer, export_layout
 from .distributed import DistInfo, any_rank, init_distributed, mean_over_ranks
 from .lr_schedule import WarmupDecaySchedule
@@ -156,6 +156,8 @@ class Trainer:
         self.config = config
         self.dist: DistInfo = init_distributed(config.deepspeed.dist_backend)
         self.ds_config = build_deepspeed_config(config, self.dist.world_size, on_cpu=self.dist.device.type == "cpu")
+        if (arch_list := prepare_jit_environment()) is not None:
+            logger.info("TORCH_CUDA_ARCH_LIST rewritten to %r for DeepSpeed's op builder", arch_list)
         seed_everything(config.train.seed)
         self.backbone = build_partitioned_backbone(config, self.ds_config, self.dist.device)
         trainable = [p for p in self.backbone.parameters() if p.requires_grad]
