@@ -5,8 +5,8 @@ with its torch checkpoint engine, which turns ``weights_only`` off, i.e. it unpi
 whatever the files contain, and a checkpoint must never be able to run code. So each rank writes its
 own partitions with safetensors: the float32 master partition and the optimizer state of every
 sub-group (``master.<i>``, ``optim.<i>.<key>``), the teacher's shards (``teacher.*``) and its RNG states
-(``rng.*``); plain values (data position, Python RNG, EMA schedule, counters, LR schedule, the config)
-go to JSON.
+(``rng.*``); plain values (optimizer state kept as Python numbers, such as DeepSpeed's Adam ``step``,
+data position, Python RNG, EMA schedule, counters, LR schedule, the config) go to JSON.
 
 Layout under ``<output_dir>/checkpoints``::
 
@@ -106,20 +106,63 @@ def restore_rng(tensors: dict[str, torch.Tensor], data: dict[str, Any], device: 
 
 
 # ------------------------------------------------------------------------------- ZeRO-3 optimizer state
-def zero3_partition_state(optimizer: Any) -> dict[str, torch.Tensor]:
-    """This rank's float32 master partition and optimizer state, per sub-group."""
+def split_optimizer_state(state: dict[str, Any], group: int, tensors: dict[str, torch.Tensor],
+                          plain: dict[str, Any]) -> None:
+    """Put sub-group ``group``'s optimizer ``state`` into ``tensors`` (``optim.<group>.<key>``, for
+    safetensors) and ``plain`` (``<group>.<key>``, for JSON). Plain numbers are what DeepSpeed's own Adams
+    keep as Python values: FusedAdam and DeepSpeedCPUAdam hold ``step`` as an int, torch's AdamW as a
+    tensor. Both round-trip exactly (JSON keeps int and float, and writes floats exactly)."""
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            tensors[f"optim.{group}.{key}"] = value
+        elif isinstance(value, (bool, int, float)):
+            plain[f"{group}.{key}"] = value
+        else:
+            raise CheckpointError(f"optimizer state {key!r} of sub-group {group} is a {type(value).__name__}: "
+                                  "only tensors, ints and floats can be saved")
+
+
+def restore_optimizer_state(state: dict[str, Any], group: int, tensors: dict[str, torch.Tensor],
+                            plain: dict[str, Any], device: torch.device) -> None:
+    """Inverse of :func:`split_optimizer_state`. Optimizers create their state lazily at the first step:
+    an empty ``state`` adopts the saved values (tensors on ``device``, 0-dim ones such as torch's ``step``
+    on the CPU, as torch keeps them); a live one must have the same keys and kinds of values."""
+    saved = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optim.{group}.")}
+    saved.update({k.split(".", 1)[1]: v for k, v in plain.items() if k.startswith(f"{group}.")})
+    if state and set(saved) != set(state):
+        raise CheckpointError(f"checkpoint optimizer state of sub-group {group} has {sorted(saved)}, expected {sorted(state)}")
+    for key, value in saved.items():
+        live = state.get(key)
+        if isinstance(value, torch.Tensor) and isinstance(live, torch.Tensor):
+            live.copy_(value)
+        elif isinstance(value, torch.Tensor) and live is None:
+            state[key] = value.clone() if value.dim() == 0 else value.to(device, copy=True)
+        elif not isinstance(value, torch.Tensor) and not isinstance(live, torch.Tensor):
+            state[key] = value
+        else:
+            raise CheckpointError(
+                f"checkpoint optimizer state {key!r} of sub-group {group} is {type(value).__name__}, this run's "
+                f"optimizer keeps {type(live).__name__}: it was written with another optimizer "
+                "(deepspeed.offload_optimizer or the device differs)"
+            )
+
+
+def zero3_partition_state(optimizer: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This rank's float32 master partitions (``master.<i>``) and optimizer state per sub-group:
+    ``(tensors, plain)``, see :func:`split_optimizer_state`."""
     tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, Any] = {}
     for i, flat in enumerate(optimizer.fp32_partitioned_groups_flat):
         tensors[f"master.{i}"] = flat
-        for key, value in optimizer.optimizer.state.get(flat, {}).items():
-            tensors[f"optim.{i}.{key}"] = value
-    return tensors
+        split_optimizer_state(optimizer.optimizer.state.get(flat, {}), i, tensors, plain)
+    return tensors, plain
 
 
 @torch.no_grad()
-def load_zero3_partition_state(optimizer: Any, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy a rank's saved partitions back and refresh the low-precision partitions from the masters
-    (what DeepSpeed's own loader does), then drop every gathered copy so nothing stale is used."""
+def load_zero3_partition_state(optimizer: Any, tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
+    """Copy a rank's saved partitions and optimizer state (``tensors`` and ``plain`` of
+    :func:`zero3_partition_state`) back and refresh the low-precision partitions from the masters (what
+    DeepSpeed's own loader does), then drop every gathered copy so nothing stale is used."""
     flats = optimizer.fp32_partitioned_groups_flat
     for i, flat in enumerate(flats):
         key = f"master.{i}"
@@ -131,16 +174,7 @@ def load_zero3_partition_state(optimizer: Any, tensors: dict[str, torch.Tensor])
                 "the model or the number of ranks differs"
             )
         flat.copy_(tensors[key])
-        saved = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optim.{i}.")}
-        state = optimizer.optimizer.state[flat]
-        if not state:
-            # Optimizers create their state lazily at the first step: adopt the saved one (a scalar such
-            # as Adam's ``step`` stays on the CPU, as torch keeps it).
-            state.update({k: v.clone() if v.dim() == 0 else v.to(flat.device, copy=True) for k, v in saved.items()})
-        elif set(saved) != set(state):
-            raise CheckpointError(f"checkpoint optimizer state of sub-group {i} has {sorted(saved)}, expected {sorted(state)}")
-        for k, v in saved.items():
-            state[k].copy_(v)
+        restore_optimizer_state(optimizer.optimizer.state[flat], i, tensors, plain, flat.device)
         optimizer._reassign_or_swap_out_partitioned_parameters(i)
     optimizer.empty_partition_cache()
 
@@ -149,17 +183,20 @@ def load_zero3_partition_state(optimizer: Any, tensors: dict[str, torch.Tensor])
 class CheckpointStore:
     """Writes and finds checkpoints under ``root`` with the atomic protocol of the module docstring.
 
-    ``fault_after_rank_files``: a test hook called after this rank's files are written (it may exit the
-    process to simulate a crash in the middle of a save).
+    Test hooks, called with the step: ``fault_after_rank_files`` after this rank's files are written (it
+    may exit the process to simulate a crash in the middle of a save); ``fault_in_commit`` on rank 0 at
+    the start of the commit (it may raise, as a full disk would).
     """
 
     def __init__(self, root: str | Path, rank: int, world_size: int, keep_last: int,
-                 fault_after_rank_files: Optional[Callable[[int], None]] = None):
+                 fault_after_rank_files: Optional[Callable[[int], None]] = None,
+                 fault_in_commit: Optional[Callable[[int], None]] = None):
         self.root = Path(root)
         self.rank = rank
         self.world_size = world_size
         self.keep_last = keep_last
         self._fault = fault_after_rank_files
+        self._commit_fault = fault_in_commit
 
     def complete_checkpoints(self) -> list[Path]:
         """Complete checkpoint folders (those with ``meta.json``), oldest first."""
@@ -200,6 +237,8 @@ class CheckpointStore:
         barrier()
         final = self.root / name
         if self.rank == 0:
+            if self._commit_fault is not None:
+                self._commit_fault(step)
             files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
             expected = {f"rank-{r:05d}.{ext}" for r in range(self.world_size) for ext in ("safetensors", "json")}
             if set(files) != expected:
