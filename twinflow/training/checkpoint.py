@@ -16,12 +16,14 @@ Layout under ``<output_dir>/checkpoints``::
     latest                    the name of the newest complete checkpoint (replaced atomically)
 
 Atomic protocol (:meth:`CheckpointStore.save`): every rank writes and fsyncs its files into
-``.tmp-step_XXXXXXXX``; after a barrier rank 0 writes ``meta.json``, fsyncs the folder, renames it to
-``step_XXXXXXXX`` and fsyncs the parent, then replaces ``latest`` (temp file, fsync, ``os.replace``), and
+``.tmp-step_XXXXXXXX``; once all ranks agree they did, rank 0 writes ``meta.json``, fsyncs the folder,
+renames it to ``step_XXXXXXXX`` and fsyncs the parent, then replaces ``latest`` (temp file, fsync, ``os.replace``), and
 only then prunes checkpoints beyond ``keep_last`` (renamed away first, then deleted, so a crash while
 pruning never leaves a partial checkpoint that looks complete). A crash at any point leaves the
 previous checkpoint and ``latest`` intact; leftovers of an interrupted save are removed by the next
-one. Multi-node runs need ``output_dir`` on a shared file system.
+one. An error in any step on any rank fails every rank with its message (see
+:class:`~twinflow.training.distributed.all_ranks_agree`). Multi-node runs need ``output_dir`` on a shared
+file system.
 
 Loading checks the format, that the world size matches (partitions are per rank), and that every
 file has the byte size ``meta.json`` recorded, so a truncated file is an error naming it.
@@ -41,7 +43,7 @@ from safetensors.torch import load_file, save_file
 
 from twinflow.utils.atomic_files import atomic_write_text, fsync_path, write_json_durable
 
-from .distributed import barrier
+from .distributed import all_ranks_agree
 
 FORMAT = "twinflow-zero3-checkpoint"
 VERSION = 1
@@ -221,39 +223,45 @@ class CheckpointStore:
         """Collective: every rank calls it with its own ``tensors``/``rank_data``; ``meta`` is used on rank 0."""
         name = step_dir_name(step)
         tmp = self.root / f".tmp-{name}"
-        if self.rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(".tmp-*"):
-                shutil.rmtree(stale)
-            tmp.mkdir()
-        barrier()
-        stem = f"rank-{self.rank:05d}"
-        cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-        save_file(cpu, str(tmp / f"{stem}.safetensors"))
-        fsync_path(tmp / f"{stem}.safetensors")
-        write_json_durable(tmp / f"{stem}.json", rank_data)
-        if self._fault is not None:
-            self._fault(step)
-        barrier()
+        # Each section ends with the ranks agreeing on success: a failure on any rank (a full disk, a
+        # failed rename) fails them all with its message; none is left waiting for the others.
+        with all_ranks_agree(f"checkpoint save: preparing {tmp}"):
+            if self.rank == 0:
+                self.root.mkdir(parents=True, exist_ok=True)
+                for stale in self.root.glob(".tmp-*"):
+                    shutil.rmtree(stale)
+                tmp.mkdir()
+        with all_ranks_agree(f"checkpoint save: writing the rank files into {tmp}"):
+            stem = f"rank-{self.rank:05d}"
+            cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+            save_file(cpu, str(tmp / f"{stem}.safetensors"))
+            fsync_path(tmp / f"{stem}.safetensors")
+            write_json_durable(tmp / f"{stem}.json", rank_data)
+            if self._fault is not None:
+                self._fault(step)
         final = self.root / name
-        if self.rank == 0:
-            if self._commit_fault is not None:
-                self._commit_fault(step)
-            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-            expected = {f"rank-{r:05d}.{ext}" for r in range(self.world_size) for ext in ("safetensors", "json")}
-            if set(files) != expected:
-                raise CheckpointError(f"checkpoint {tmp} holds {sorted(files)}, expected {sorted(expected)}")
-            write_json_durable(tmp / META, {**meta, "format": FORMAT, "version": VERSION, "step": step,
-                                     "world_size": self.world_size, "files": files})
-            fsync_path(tmp)
-            if final.exists():
-                self._discard(final)
-            os.rename(tmp, final)
-            fsync_path(self.root)
-            atomic_write_text(self.root / LATEST, name + "\n")
-            self._prune(keep=final)
-        barrier()
+        with all_ranks_agree(f"checkpoint commit of {final}"):
+            if self.rank == 0:
+                self._commit(step, tmp, final, meta)
         return final
+
+    def _commit(self, step: int, tmp: Path, final: Path, meta: dict[str, Any]) -> None:
+        """Rank 0: ``meta.json`` last into the complete folder, the rename, ``latest``, then pruning."""
+        if self._commit_fault is not None:
+            self._commit_fault(step)
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        expected = {f"rank-{r:05d}.{ext}" for r in range(self.world_size) for ext in ("safetensors", "json")}
+        if set(files) != expected:
+            raise CheckpointError(f"checkpoint {tmp} holds {sorted(files)}, expected {sorted(expected)}")
+        write_json_durable(tmp / META, {**meta, "format": FORMAT, "version": VERSION, "step": step,
+                                 "world_size": self.world_size, "files": files})
+        fsync_path(tmp)
+        if final.exists():
+            self._discard(final)
+        os.rename(tmp, final)
+        fsync_path(self.root)
+        atomic_write_text(self.root / LATEST, final.name + "\n")
+        self._prune(keep=final)
 
     def _discard(self, path: Path) -> None:
         trash = self.root / f".trash-{path.name}"

@@ -49,7 +49,7 @@ from .config import TrainConfig
 from .data import build_loader
 from .deepspeed_config import build_deepspeed_config
 from .export import Weights, export_from_trainer, export_layout
-from .distributed import DistInfo, any_rank, init_distributed, mean_over_ranks
+from .distributed import DistInfo, all_ranks_agree, any_rank, init_distributed, mean_over_ranks
 from .lr_schedule import WarmupDecaySchedule
 from .teachers import build_run_teacher
 
@@ -288,7 +288,8 @@ class Trainer:
             return None
         if not (path / "meta.json").is_file():
             raise ConfigError(f"config key 'train.resume': {path} is not a complete checkpoint (no meta.json)")
-        meta, tensors, rank_data = self.store.load(path)
+        with all_ranks_agree(f"reading checkpoint {path}"):  # each rank reads its own files
+            meta, tensors, rank_data = self.store.load(path)
         load_zero3_partition_state(self.optimizer, tensors, rank_data.get("optim", {}))
         self.teacher.load_state_dict(join_tensors(rank_data["teacher"], tensors))
         self.scheduler.load_state_dict(meta["scheduler"])
