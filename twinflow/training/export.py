@@ -33,6 +33,8 @@ from torch import nn
 
 from twinflow.utils.typed_config import from_dict
 
+from .distributed import all_ranks_agree
+
 Weights = Literal["online", "ema"]
 BACKBONE_PREFIX = "transformer."
 
@@ -99,8 +101,6 @@ def gather_transformer_state(backbone: nn.Module, rank: int) -> Optional[dict[st
     """Collective: the transformer's full state dict on rank 0 (CPU), ``None`` elsewhere."""
     import deepspeed
 
-    from .distributed import all_ranks_agree
-
     state: dict[str, torch.Tensor] = {}
     transformer = backbone.transformer
     # Rank 0's copies (host memory can run out) must not skip the other ranks' gathers: see the helper.
@@ -129,8 +129,6 @@ def export_from_trainer(trainer: Any, out: str | Path, *, weights: Weights = "em
             state = gather_transformer_state(trainer.backbone, trainer.dist.rank)
     else:
         state = gather_transformer_state(trainer.backbone, trainer.dist.rank)
-    from .distributed import all_ranks_agree
-
     path = None
     with all_ranks_agree(f"export to {out}"):
         if trainer.dist.is_main:
