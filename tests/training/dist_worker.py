@@ -95,6 +95,7 @@ def lora_checks(out: Path, rank: int) -> dict:
 
     overrides = [f"train.output_dir={out / 'lora'}", "train.save_every=0"]
     trainer = Trainer(load_train_config(LORA_CONFIG, overrides))
+    optimizer = type(trainer.optimizer.optimizer).__name__
     for _ in range(3):
         trainer.train_step()
     # Two micro batches per optimizer step: the EMA moves once per optimizer step.
@@ -111,6 +112,7 @@ def lora_checks(out: Path, rank: int) -> dict:
                                                                     f"train.resume={ckpt}"]))
     after = resumed.teacher.state_dict()
     result = {
+        "optimizer": optimizer,
         "ema_updates": ema_updates,
         "optimizer_steps": trainer.engine.global_steps,
         "ema_adapter_restored": all(torch.equal(a, b) for a, b in zip(before["ema_adapter"], after["ema_adapter"]))
@@ -172,12 +174,13 @@ def main() -> None:
         "optim.lr=3.0e-3",
         "optim.warmup_steps=0",
         "optim.schedule=constant",
+        "deepspeed.offload_optimizer=false",  # torch's AdamW here; the straight and chain runs use DeepSpeedCPUAdam
         "deepspeed.extra={zero_optimization: {stage3_param_persistence_threshold: 100000, "
         "stage3_max_reuse_distance: 1000000000, stage3_prefetch_bucket_size: 100000}}",
     ]
     trainer = Trainer(load_train_config(CONFIG, overrides))
     rank = trainer.dist.rank
-    results: dict = {"world_size": trainer.dist.world_size}
+    results: dict = {"world_size": trainer.dist.world_size, "optimizers": {"main": type(trainer.optimizer.optimizer).__name__}}
     persistent = [s.name for s in trainer.teacher.slots if s.param.ds_persist]
     results["persistent_params"] = len(persistent)
     results["trainable_params"] = len(trainer.teacher.slots)
@@ -282,6 +285,7 @@ def main() -> None:
 
     # The reference straight run for the crash / kill / resume launches (same math as their config).
     straight = Trainer(load_train_config(CONFIG, [f"train.output_dir={out / 'straight'}", "train.save_every=2"]))
+    results["optimizers"].update(lora=results["lora"].pop("optimizer"), straight=type(straight.optimizer.optimizer).__name__)
     straight.train()
     straight.close()
 

@@ -16,7 +16,9 @@ from twinflow.training.checkpoint import (
     CheckpointStore,
     capture_rng,
     join_tensors,
+    restore_optimizer_state,
     restore_rng,
+    split_optimizer_state,
     split_tensors,
 )
 
@@ -124,3 +126,42 @@ def test_rng_states_round_trip():
     random.random()
     restore_rng(tensors, data, torch.device("cpu"))
     assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+
+
+def _stepped_state(optimizer_class, **kwargs) -> dict:
+    param = torch.nn.Parameter(torch.linspace(-1, 1, 7))
+    optimizer = optimizer_class([param], lr=0.1, **kwargs)
+    for _ in range(3):
+        param.grad = torch.sin(param.detach() * 3)
+        optimizer.step()
+    return optimizer.state[param]
+
+
+def test_optimizer_state_of_deepspeed_cpu_adam_and_torch_adamw_round_trips_exactly(tmp_path):
+    """DeepSpeedCPUAdam (the optimizer of an offloaded GPU run; FusedAdam alike) keeps ``step`` as an int,
+    torch's AdamW as a tensor: both, and a float, come back with their type and value through the files."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    states = [_stepped_state(DeepSpeedCPUAdam, adamw_mode=True), _stepped_state(torch.optim.AdamW)]
+    states[0]["ratio"] = 0.1  # a float whose decimal form is not exact in binary
+    assert isinstance(states[0]["step"], int) and isinstance(states[1]["step"], torch.Tensor)
+    tensors: dict[str, torch.Tensor] = {"master.0": torch.zeros(1)}
+    plain: dict = {}
+    for group, state in enumerate(states):
+        split_optimizer_state(state, group, tensors, plain)
+    store = CheckpointStore(tmp_path, rank=0, world_size=1, keep_last=1)
+    store.save(1, tensors, {"optim": plain}, {})
+    _, tensors, rank_data = store.load(store.latest())
+    for group, state in enumerate(states):
+        fresh: dict = {}  # a resumed optimizer before its first step
+        restore_optimizer_state(fresh, group, tensors, rank_data["optim"], torch.device("cpu"))
+        live = {k: v.clone() * 0 if isinstance(v, torch.Tensor) else v for k, v in state.items()}  # a stepped one
+        restore_optimizer_state(live, group, tensors, rank_data["optim"], torch.device("cpu"))
+        for got in (fresh, live):
+            assert sorted(got) == sorted(state)
+            for key, value in state.items():
+                assert type(got[key]) is type(value), key
+                assert torch.equal(got[key], value) if isinstance(value, torch.Tensor) else got[key] == value, key
+    with pytest.raises(CheckpointError, match="'step' of sub-group 0 is int, this run's optimizer keeps Tensor"):
+        restore_optimizer_state({"step": torch.tensor(0.0), "exp_avg": torch.zeros(7), "exp_avg_sq": torch.zeros(7),
+                                 "ratio": 0.0}, 0, tensors, rank_data["optim"], torch.device("cpu"))

@@ -51,6 +51,7 @@ def test_schedule_state_is_plain_data_and_resumes():
 
 def test_deepspeed_config_is_derived_from_the_typed_config():
     config = load_train_config(TINY, ["optim.gradient_accumulation_steps=3", "optim.max_grad_norm=0",
+                                      "deepspeed.offload_optimizer=false",
                                       "deepspeed.extra={zero_optimization: {stage3_prefetch_bucket_size: 7}}"])
     ds = build_deepspeed_config(config, world_size=2, on_cpu=True)
     assert ds["train_batch_size"] == 4 * 3 * 2
@@ -59,6 +60,16 @@ def test_deepspeed_config_is_derived_from_the_typed_config():
     assert ds["optimizer"]["params"]["lr"] == config.optim.lr
     assert ds["zero_optimization"] == {"stage": 3, "stage3_prefetch_bucket_size": 7}
     assert ds["bf16"] == {"enabled": False}
+
+
+@pytest.mark.parametrize("on_cpu, offload, torch_adam", [(True, False, True), (True, True, False),
+                                                         (False, False, False), (False, True, False)])
+def test_deepspeed_config_offloaded_optimizer_is_deepspeed_cpu_adam_on_every_machine(on_cpu, offload, torch_adam):
+    # torch_adam off + offload_optimizer = DeepSpeedCPUAdam, the GPU runs' optimizer; it runs on CPU too.
+    config = load_train_config(TINY, [f"deepspeed.offload_optimizer={str(offload).lower()}"])
+    ds = build_deepspeed_config(config, world_size=2, on_cpu=on_cpu)
+    assert ds["optimizer"]["params"]["torch_adam"] is torch_adam
+    assert ("offload_optimizer" in ds["zero_optimization"]) is offload
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """The ZeRO-3 trainer on 2 CPU ranks through the real ``deepspeed`` launcher (gloo).
 
-Launches are expensive (start-up dominates), so there are three, shared by all tests here:
+Launches are expensive (start-up dominates), so there are three, shared by all tests here (plus one
+for the rank-0 failure test):
 
 * ``worker``: ``dist_worker.py`` runs the in-process checks (loss, EMA shards, teacher session,
   export, non-finite steps), a straight 6-step run of ``configs/tiny_cpu.yaml``, and then the same
@@ -8,14 +9,19 @@ Launches are expensive (start-up dominates), so there are three, shared by all t
 * ``chain``: two launches of ``python -m twinflow.train`` continue that folder: one resumes from
   step 2 and has rank 1 killed after step 5, the last resumes from step 4 and finishes. Every step's
   loss and the final checkpoint must equal the straight run's.
+
+The chain runs ``configs/tiny_cpu.yaml``, which offloads the optimizer: DeepSpeedCPUAdam, the optimizer
+class of a GPU run (its ``state['step']`` is a Python int). The in-process checks use torch's AdamW.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,13 +41,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _command(args: list[str]) -> list[str]:
+    """``deepspeed --num_gpus 2 ARGS`` (2 CPU ranks with ``ENV``)."""
+    return [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(_free_port()), *args]
+
+
 def launch(args: list[str], log: Path) -> int:
     """Run ``deepspeed --num_gpus 2 ARGS`` on CPU; the combined output goes to ``log``."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    deepspeed = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(_free_port()), *args]
     with open(log, "w") as f:
-        return subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=900).returncode
+        return subprocess.run(_command(args), cwd=REPO, env=ENV, stdout=f, stderr=subprocess.STDOUT, timeout=900).returncode
 
 
 def _tail(log: Path) -> str:
@@ -172,6 +183,10 @@ def _losses(metrics: Path) -> dict[int, list[float]]:
     return out
 
 
+def test_launcher_runs_cover_the_gpu_optimizer_and_torch_adamw(worker):
+    assert worker[0]["optimizers"] == {"main": "AdamW", "lora": "AdamW", "straight": "DeepSpeedCPUAdam"}
+
+
 def test_interrupted_and_resumed_run_equals_the_straight_run(worker, chain):
     straight = worker[1] / "straight"
     resumed = chain["run"]
@@ -189,3 +204,46 @@ def test_interrupted_and_resumed_run_equals_the_straight_run(worker, chain):
         assert sorted(a) == sorted(b)
         for key in a:  # partitions, optimizer state, EMA shards and the RNG states
             torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+        # The optimizer's plain values (DeepSpeedCPUAdam's int step) are exact, in JSON.
+        json_a, json_b = (json.loads((run / "checkpoints" / "step_00000006" / f"rank-{rank:05d}.json").read_text())
+                          for run in (straight, resumed))
+        assert json_b["optim"] == json_a["optim"] == {"0.step": 6}
+
+
+def test_rank0_failure_in_the_checkpoint_commit_fails_every_rank_promptly(tmp_path):
+    """Rank 0 alone raises in the commit of the step-1 save: every rank must exit with its message within
+    60 s of the failure (none may wait in a collective)."""
+    run, logs = tmp_path / "run", tmp_path / "ranks"
+    args = ["--enable_each_rank_log", str(logs), "--module", "twinflow.train", "--config", str(CONFIG),
+            f"train.output_dir={run}", "train.save_every=1", "train.max_steps=3", "faults.fail_commit_at_step=1"]
+    # Both ranks' files of step 1 are written right before the commit: their appearance dates the failure.
+    written = [run / "checkpoints" / ".tmp-step_00000001" / f"rank-{r:05d}.json" for r in range(2)]
+    with open(tmp_path / "launch.log", "w") as f:
+        proc = subprocess.Popen(_command(args), cwd=REPO, env=ENV, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        start = time.monotonic()
+        while not all(p.is_file() for p in written) and proc.poll() is None and time.monotonic() - start < 600:
+            time.sleep(0.2)
+        failed_at = time.monotonic()
+        try:
+            rc = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            rc = None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert all(p.is_file() for p in written), _tail(tmp_path / "launch.log")
+    assert rc is not None, f"ranks still running 60 s after rank 0's failure: {_tail(tmp_path / 'launch.log')}"
+    elapsed = time.monotonic() - failed_at
+    assert rc != 0 and elapsed < 60, (rc, elapsed)
+    message = "failed on rank 0: OSError: injected failure in the checkpoint commit at step 1"
+    for rank in range(2):
+        (log,) = logs.glob(f"*_rank{rank}.log")
+        text = log.read_text()
+        assert message in text, f"rank {rank}: {text[-3000:]}"
+        # Before the fix rank 1 sat in the save's barrier until rank 0's process was gone (gloo then says
+        # "Connection closed by peer"; NCCL would wait for its timeout).
+        assert "Connection closed by peer" not in text, f"rank {rank} waited in a collective: {text[-3000:]}"
+    assert not (run / "checkpoints" / "step_00000001").exists()

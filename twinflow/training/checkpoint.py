@@ -5,8 +5,8 @@ with its torch checkpoint engine, which turns ``weights_only`` off, i.e. it unpi
 whatever the files contain, and a checkpoint must never be able to run code. So each rank writes its
 own partitions with safetensors: the float32 master partition and the optimizer state of every
 sub-group (``master.<i>``, ``optim.<i>.<key>``), the teacher's shards (``teacher.*``) and its RNG states
-(``rng.*``); plain values (data position, Python RNG, EMA schedule, counters, LR schedule, the config)
-go to JSON.
+(``rng.*``); plain values (optimizer state kept as Python numbers, such as DeepSpeed's Adam ``step``,
+data position, Python RNG, EMA schedule, counters, LR schedule, the config) go to JSON.
 
 Layout under ``<output_dir>/checkpoints``::
 
@@ -16,12 +16,14 @@ Layout under ``<output_dir>/checkpoints``::
     latest                    the name of the newest complete checkpoint (replaced atomically)
 
 Atomic protocol (:meth:`CheckpointStore.save`): every rank writes and fsyncs its files into
-``.tmp-step_XXXXXXXX``; after a barrier rank 0 writes ``meta.json``, fsyncs the folder, renames it to
-``step_XXXXXXXX`` and fsyncs the parent, then replaces ``latest`` (temp file, fsync, ``os.replace``), and
+``.tmp-step_XXXXXXXX``; once all ranks agree they did, rank 0 writes ``meta.json``, fsyncs the folder,
+renames it to ``step_XXXXXXXX`` and fsyncs the parent, then replaces ``latest`` (temp file, fsync, ``os.replace``), and
 only then prunes checkpoints beyond ``keep_last`` (renamed away first, then deleted, so a crash while
 pruning never leaves a partial checkpoint that looks complete). A crash at any point leaves the
 previous checkpoint and ``latest`` intact; leftovers of an interrupted save are removed by the next
-one. Multi-node runs need ``output_dir`` on a shared file system.
+one. An error in any step on any rank fails every rank with its message (see
+:class:`~twinflow.training.distributed.all_ranks_agree`). Multi-node runs need ``output_dir`` on a shared
+file system.
 
 Loading checks the format, that the world size matches (partitions are per rank), and that every
 file has the byte size ``meta.json`` recorded, so a truncated file is an error naming it.
@@ -41,7 +43,7 @@ from safetensors.torch import load_file, save_file
 
 from twinflow.utils.atomic_files import atomic_write_text, fsync_path, write_json_durable
 
-from .distributed import barrier
+from .distributed import all_ranks_agree
 
 FORMAT = "twinflow-zero3-checkpoint"
 VERSION = 1
@@ -106,20 +108,63 @@ def restore_rng(tensors: dict[str, torch.Tensor], data: dict[str, Any], device: 
 
 
 # ------------------------------------------------------------------------------- ZeRO-3 optimizer state
-def zero3_partition_state(optimizer: Any) -> dict[str, torch.Tensor]:
-    """This rank's float32 master partition and optimizer state, per sub-group."""
+def split_optimizer_state(state: dict[str, Any], group: int, tensors: dict[str, torch.Tensor],
+                          plain: dict[str, Any]) -> None:
+    """Put sub-group ``group``'s optimizer ``state`` into ``tensors`` (``optim.<group>.<key>``, for
+    safetensors) and ``plain`` (``<group>.<key>``, for JSON). Plain numbers are what DeepSpeed's own Adams
+    keep as Python values: FusedAdam and DeepSpeedCPUAdam hold ``step`` as an int, torch's AdamW as a
+    tensor. Both round-trip exactly (JSON keeps int and float, and writes floats exactly)."""
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            tensors[f"optim.{group}.{key}"] = value
+        elif isinstance(value, (bool, int, float)):
+            plain[f"{group}.{key}"] = value
+        else:
+            raise CheckpointError(f"optimizer state {key!r} of sub-group {group} is a {type(value).__name__}: "
+                                  "only tensors, ints and floats can be saved")
+
+
+def restore_optimizer_state(state: dict[str, Any], group: int, tensors: dict[str, torch.Tensor],
+                            plain: dict[str, Any], device: torch.device) -> None:
+    """Inverse of :func:`split_optimizer_state`. Optimizers create their state lazily at the first step:
+    an empty ``state`` adopts the saved values (tensors on ``device``, 0-dim ones such as torch's ``step``
+    on the CPU, as torch keeps them); a live one must have the same keys and kinds of values."""
+    saved = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optim.{group}.")}
+    saved.update({k.split(".", 1)[1]: v for k, v in plain.items() if k.startswith(f"{group}.")})
+    if state and set(saved) != set(state):
+        raise CheckpointError(f"checkpoint optimizer state of sub-group {group} has {sorted(saved)}, expected {sorted(state)}")
+    for key, value in saved.items():
+        live = state.get(key)
+        if isinstance(value, torch.Tensor) and isinstance(live, torch.Tensor):
+            live.copy_(value)
+        elif isinstance(value, torch.Tensor) and live is None:
+            state[key] = value.clone() if value.dim() == 0 else value.to(device, copy=True)
+        elif not isinstance(value, torch.Tensor) and not isinstance(live, torch.Tensor):
+            state[key] = value
+        else:
+            raise CheckpointError(
+                f"checkpoint optimizer state {key!r} of sub-group {group} is {type(value).__name__}, this run's "
+                f"optimizer keeps {type(live).__name__}: it was written with another optimizer "
+                "(deepspeed.offload_optimizer or the device differs)"
+            )
+
+
+def zero3_partition_state(optimizer: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This rank's float32 master partitions (``master.<i>``) and optimizer state per sub-group:
+    ``(tensors, plain)``, see :func:`split_optimizer_state`."""
     tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, Any] = {}
     for i, flat in enumerate(optimizer.fp32_partitioned_groups_flat):
         tensors[f"master.{i}"] = flat
-        for key, value in optimizer.optimizer.state.get(flat, {}).items():
-            tensors[f"optim.{i}.{key}"] = value
-    return tensors
+        split_optimizer_state(optimizer.optimizer.state.get(flat, {}), i, tensors, plain)
+    return tensors, plain
 
 
 @torch.no_grad()
-def load_zero3_partition_state(optimizer: Any, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy a rank's saved partitions back and refresh the low-precision partitions from the masters
-    (what DeepSpeed's own loader does), then drop every gathered copy so nothing stale is used."""
+def load_zero3_partition_state(optimizer: Any, tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
+    """Copy a rank's saved partitions and optimizer state (``tensors`` and ``plain`` of
+    :func:`zero3_partition_state`) back and refresh the low-precision partitions from the masters (what
+    DeepSpeed's own loader does), then drop every gathered copy so nothing stale is used."""
     flats = optimizer.fp32_partitioned_groups_flat
     for i, flat in enumerate(flats):
         key = f"master.{i}"
@@ -131,16 +176,7 @@ def load_zero3_partition_state(optimizer: Any, tensors: dict[str, torch.Tensor])
                 "the model or the number of ranks differs"
             )
         flat.copy_(tensors[key])
-        saved = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optim.{i}.")}
-        state = optimizer.optimizer.state[flat]
-        if not state:
-            # Optimizers create their state lazily at the first step: adopt the saved one (a scalar such
-            # as Adam's ``step`` stays on the CPU, as torch keeps it).
-            state.update({k: v.clone() if v.dim() == 0 else v.to(flat.device, copy=True) for k, v in saved.items()})
-        elif set(saved) != set(state):
-            raise CheckpointError(f"checkpoint optimizer state of sub-group {i} has {sorted(saved)}, expected {sorted(state)}")
-        for k, v in saved.items():
-            state[k].copy_(v)
+        restore_optimizer_state(optimizer.optimizer.state[flat], i, tensors, plain, flat.device)
         optimizer._reassign_or_swap_out_partitioned_parameters(i)
     optimizer.empty_partition_cache()
 
@@ -149,17 +185,20 @@ def load_zero3_partition_state(optimizer: Any, tensors: dict[str, torch.Tensor])
 class CheckpointStore:
     """Writes and finds checkpoints under ``root`` with the atomic protocol of the module docstring.
 
-    ``fault_after_rank_files``: a test hook called after this rank's files are written (it may exit the
-    process to simulate a crash in the middle of a save).
+    Test hooks, called with the step: ``fault_after_rank_files`` after this rank's files are written (it
+    may exit the process to simulate a crash in the middle of a save); ``fault_in_commit`` on rank 0 at
+    the start of the commit (it may raise, as a full disk would).
     """
 
     def __init__(self, root: str | Path, rank: int, world_size: int, keep_last: int,
-                 fault_after_rank_files: Optional[Callable[[int], None]] = None):
+                 fault_after_rank_files: Optional[Callable[[int], None]] = None,
+                 fault_in_commit: Optional[Callable[[int], None]] = None):
         self.root = Path(root)
         self.rank = rank
         self.world_size = world_size
         self.keep_last = keep_last
         self._fault = fault_after_rank_files
+        self._commit_fault = fault_in_commit
 
     def complete_checkpoints(self) -> list[Path]:
         """Complete checkpoint folders (those with ``meta.json``), oldest first."""
@@ -184,37 +223,45 @@ class CheckpointStore:
         """Collective: every rank calls it with its own ``tensors``/``rank_data``; ``meta`` is used on rank 0."""
         name = step_dir_name(step)
         tmp = self.root / f".tmp-{name}"
-        if self.rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(".tmp-*"):
-                shutil.rmtree(stale)
-            tmp.mkdir()
-        barrier()
-        stem = f"rank-{self.rank:05d}"
-        cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-        save_file(cpu, str(tmp / f"{stem}.safetensors"))
-        fsync_path(tmp / f"{stem}.safetensors")
-        write_json_durable(tmp / f"{stem}.json", rank_data)
-        if self._fault is not None:
-            self._fault(step)
-        barrier()
+        # Each section ends with the ranks agreeing on success: a failure on any rank (a full disk, a
+        # failed rename) fails them all with its message; none is left waiting for the others.
+        with all_ranks_agree(f"checkpoint save: preparing {tmp}"):
+            if self.rank == 0:
+                self.root.mkdir(parents=True, exist_ok=True)
+                for stale in self.root.glob(".tmp-*"):
+                    shutil.rmtree(stale)
+                tmp.mkdir()
+        with all_ranks_agree(f"checkpoint save: writing the rank files into {tmp}"):
+            stem = f"rank-{self.rank:05d}"
+            cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+            save_file(cpu, str(tmp / f"{stem}.safetensors"))
+            fsync_path(tmp / f"{stem}.safetensors")
+            write_json_durable(tmp / f"{stem}.json", rank_data)
+            if self._fault is not None:
+                self._fault(step)
         final = self.root / name
-        if self.rank == 0:
-            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-            expected = {f"rank-{r:05d}.{ext}" for r in range(self.world_size) for ext in ("safetensors", "json")}
-            if set(files) != expected:
-                raise CheckpointError(f"checkpoint {tmp} holds {sorted(files)}, expected {sorted(expected)}")
-            write_json_durable(tmp / META, {**meta, "format": FORMAT, "version": VERSION, "step": step,
-                                     "world_size": self.world_size, "files": files})
-            fsync_path(tmp)
-            if final.exists():
-                self._discard(final)
-            os.rename(tmp, final)
-            fsync_path(self.root)
-            atomic_write_text(self.root / LATEST, name + "\n")
-            self._prune(keep=final)
-        barrier()
+        with all_ranks_agree(f"checkpoint commit of {final}"):
+            if self.rank == 0:
+                self._commit(step, tmp, final, meta)
         return final
+
+    def _commit(self, step: int, tmp: Path, final: Path, meta: dict[str, Any]) -> None:
+        """Rank 0: ``meta.json`` last into the complete folder, the rename, ``latest``, then pruning."""
+        if self._commit_fault is not None:
+            self._commit_fault(step)
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        expected = {f"rank-{r:05d}.{ext}" for r in range(self.world_size) for ext in ("safetensors", "json")}
+        if set(files) != expected:
+            raise CheckpointError(f"checkpoint {tmp} holds {sorted(files)}, expected {sorted(expected)}")
+        write_json_durable(tmp / META, {**meta, "format": FORMAT, "version": VERSION, "step": step,
+                                 "world_size": self.world_size, "files": files})
+        fsync_path(tmp)
+        if final.exists():
+            self._discard(final)
+        os.rename(tmp, final)
+        fsync_path(self.root)
+        atomic_write_text(self.root / LATEST, final.name + "\n")
+        self._prune(keep=final)
 
     def _discard(self, path: Path) -> None:
         trash = self.root / f".trash-{path.name}"

@@ -43,7 +43,8 @@ KernelChoice = Literal["triton", "eager", "auto"]
 
 @dataclass
 class OptimConfig:
-    """AdamW (run by DeepSpeed; ``torch_adam`` on CPU) and a warmup + decay learning-rate schedule.
+    """AdamW (run by DeepSpeed: FusedAdam on CUDA, DeepSpeedCPUAdam with ``deepspeed.offload_optimizer``,
+    torch's AdamW on CPU without offload; see ``deepspeed_config.py``) and a warmup + decay learning-rate schedule.
 
     ``schedule``: after ``warmup_steps`` of linear warmup from 0, the rate stays at ``lr`` (constant),
     falls linearly to ``min_lr_ratio * lr`` at ``train.max_steps`` (linear), or follows a half cosine to
@@ -178,12 +179,15 @@ class FaultConfig:
       replaced by NaN on every rank, to exercise skip-and-count and the consecutive limit.
     * ``kill_at_step`` / ``kill_rank``: that rank exits abruptly (``os._exit``) right after that step.
     * ``crash_in_save_at_step``: the save at that step exits abruptly after writing part of its files.
+    * ``fail_commit_at_step``: rank 0 alone raises ``OSError`` in the commit of the save at that step (as
+      a full disk would); every rank must then fail with its message instead of waiting.
     """
 
     nonfinite_loss_steps: list[int] = field(default_factory=list)
     kill_at_step: Optional[int] = None
     kill_rank: int = 0
     crash_in_save_at_step: Optional[int] = None
+    fail_commit_at_step: Optional[int] = None
 
 
 @dataclass

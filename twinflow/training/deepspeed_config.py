@@ -70,8 +70,11 @@ def _check_extra(extra: dict[str, Any]) -> None:
 def build_deepspeed_config(config: TrainConfig, world_size: int, *, on_cpu: bool) -> dict[str, Any]:
     """The dict for ``deepspeed.initialize(config=...)`` / ``deepspeed.zero.Init(config_dict_or_path=...)``.
 
-    ``on_cpu`` selects DeepSpeed's plain ``torch.optim.AdamW`` (``torch_adam``): the fused CPU/CUDA
-    Adam ops need a compiler toolchain for the accelerator.
+    The optimizer is the one a GPU run uses wherever it can run: with ``offload_optimizer`` DeepSpeed's
+    ``DeepSpeedCPUAdam`` (its C++ op builds with gcc on any machine, CPU runs included); without it
+    ``FusedAdam`` on CUDA. ``on_cpu`` without offload falls back to DeepSpeed's plain
+    ``torch.optim.AdamW`` (``torch_adam``), as FusedAdam needs CUDA. The CPU launcher tests offload the
+    optimizer, so they run the GPU optimizer class (its ``step`` is a Python int, not a tensor).
     """
     ds = config.deepspeed
     optim = config.optim
@@ -94,7 +97,7 @@ def build_deepspeed_config(config: TrainConfig, world_size: int, *, on_cpu: bool
                 "betas": list(optim.betas),
                 "eps": optim.eps,
                 "weight_decay": optim.weight_decay,
-                "torch_adam": on_cpu,
+                "torch_adam": on_cpu and not ds.offload_optimizer,
                 "adam_w_mode": True,
             },
         },

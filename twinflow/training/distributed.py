@@ -4,12 +4,17 @@
 ``MASTER_ADDR``/``MASTER_PORT`` set; :func:`init_distributed` joins the group with NCCL on CUDA and gloo
 on CPU. A process started without the launcher (a notebook, a single-process test) becomes a
 one-rank group on a free local port, so the same trainer code runs in-process.
+
+Rank-0-only work (the checkpoint commit, export and log writes, prompt encoding) runs inside
+:class:`all_ranks_agree`: an error on one rank then fails every rank at the end of the section with that
+rank's message, instead of leaving the others waiting in their next collective.
 """
 from __future__ import annotations
 
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -84,8 +89,69 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def barrier() -> None:
-    import torch.distributed as dist
+class RankFailure(RuntimeError):
+    """A section under :class:`all_ranks_agree` failed on some rank; raised on every rank with its message."""
 
-    if dist.is_initialized():
-        dist.barrier()
+
+class all_ranks_agree:
+    """Context manager for a section that some ranks (usually rank 0 alone) run and all must agree on.
+
+    Every rank enters the section; on exit the ranks agree on success with one tiny all-reduce (a
+    synchronisation point, so it also serves as the barrier after the section). If any rank raised, every
+    rank raises :class:`RankFailure` with the same one-line message, ``"<what> failed on rank <r>:
+    <ExceptionType>: <message>"`` (the lowest failing rank; on that rank chained to the original error),
+    so all ranks exit together. Without a process group of several ranks the section is transparent: its
+    error propagates unchanged.
+
+    The section's body must not call collectives after the point where it may fail, or a failing rank
+    would skip collectives the others wait in. A body that interleaves rank-0 work with collectives (a
+    gather per parameter) runs that work through :meth:`run`: the first error is kept, the rest of the
+    rank's guarded work is skipped, and the rank keeps taking part in the collectives until the exit::
+
+        with all_ranks_agree("checkpoint commit"):
+            if rank == 0:
+                commit()
+
+        with all_ranks_agree("gathering the weights") as section:
+            for param in params:
+                with GatheredParameters([param]):
+                    if rank == 0:
+                        section.run(copy_out, param)
+    """
+
+    def __init__(self, what: str):
+        self.what = what
+        self._error: Optional[BaseException] = None
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` unless an earlier call failed; an error is kept for the exit (``None``)."""
+        if self._error is None:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 (re-raised on every rank at the exit)
+                self._error = e
+        return None
+
+    def __enter__(self) -> "all_ranks_agree":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        import torch.distributed as dist
+
+        if exc is not None and not isinstance(exc, Exception):
+            return False  # KeyboardInterrupt, SystemExit: not an outcome to agree on
+        error = self._error if self._error is not None else exc
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            if error is not None and error is not exc:
+                raise error
+            return False
+        world = dist.get_world_size()
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        first = torch.tensor([dist.get_rank() if error is not None else world], device=device)
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        failed = int(first.item())
+        if failed == world:
+            return False
+        payload = [f"{type(error).__name__}: {error}" if dist.get_rank() == failed else None]
+        dist.broadcast_object_list(payload, src=failed)
+        raise RankFailure(f"{self.what} failed on rank {failed}: {payload[0]}") from error

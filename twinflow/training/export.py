@@ -33,6 +33,8 @@ from torch import nn
 
 from twinflow.utils.typed_config import from_dict
 
+from .distributed import all_ranks_agree
+
 Weights = Literal["online", "ema"]
 BACKBONE_PREFIX = "transformer."
 EXPORT_RECORD = "twinflow_export.json"
@@ -138,15 +140,21 @@ def gather_transformer_state(backbone: nn.Module, rank: int) -> Optional[dict[st
 
     state: dict[str, torch.Tensor] = {}
     transformer = backbone.transformer
-    for name, param in transformer.named_parameters():
-        with deepspeed.zero.GatheredParameters([param]):
-            if rank == 0:
-                state[name] = param.detach().to("cpu", copy=True)
-    if rank == 0:
-        for name, buf in transformer.named_buffers():
-            state.setdefault(name, buf.detach().to("cpu", copy=True))
-        return state
-    return None
+    # Rank 0's copies (host memory can run out) must not skip the other ranks' gathers: see the helper.
+    with all_ranks_agree("gathering the transformer's weights on rank 0") as section:
+        for name, param in transformer.named_parameters():
+            with deepspeed.zero.GatheredParameters([param]):
+                if rank == 0:
+                    section.run(_copy_to_cpu, state, name, param)
+        if rank == 0:
+            for name, buf in transformer.named_buffers():
+                if name not in state:
+                    section.run(_copy_to_cpu, state, name, buf)
+    return state if rank == 0 else None
+
+
+def _copy_to_cpu(state: dict[str, torch.Tensor], name: str, tensor: torch.Tensor) -> None:
+    state[name] = tensor.detach().to("cpu", copy=True)
 
 
 def export_from_trainer(trainer: Any, out: str | Path, *, weights: Weights = "ema", merge_lora: bool = False) -> Optional[Path]:
@@ -159,12 +167,10 @@ def export_from_trainer(trainer: Any, out: str | Path, *, weights: Weights = "em
     else:
         state = gather_transformer_state(trainer.backbone, trainer.dist.rank)
     path = None
-    if trainer.dist.is_main:
-        path = write_export(state, dict(trainer.backbone.transformer.config), trainer.config.model, out,
-                            weights=weights, merge_lora=merge_lora, sampling=sampling_record(trainer.config.data))
-    from .distributed import barrier
-
-    barrier()
+    with all_ranks_agree(f"export to {out}"):
+        if trainer.dist.is_main:
+            path = write_export(state, dict(trainer.backbone.transformer.config), trainer.config.model, out,
+                                weights=weights, merge_lora=merge_lora, sampling=sampling_record(trainer.config.data))
     return path
 
 

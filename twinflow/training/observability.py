@@ -39,6 +39,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from twinflow.sampling import SamplerConfig, sample
+from twinflow.training.distributed import all_ranks_agree
 from twinflow.utils.typed_config import ConfigError
 
 if TYPE_CHECKING:
@@ -157,14 +158,16 @@ def write_sample_grids(
     if conditions is not None:
         conditions = conditions.to(device)
     folder = Path(folder)
-    written: dict[str, Path] = {}
-    for name in presets:
+    results = []
+    for name in presets:  # every forward first: a failed write must not skip collectives (ZeRO-3)
         config = SamplerConfig.preset(name)
         generator = torch.Generator(device=device).manual_seed(seed)
         noise = torch.randn((count, *prompts.latent_shape), generator=generator, device=device)
-        result = sample(backbone, noise, conditions, config=config, generator=generator, keep_intermediates=False)
+        results.append(sample(backbone, noise, conditions, config=config, generator=generator, keep_intermediates=False))
+    written: dict[str, Path] = {}
+    for name, result in zip(presets, results):
         if not write:
-            continue
+            break
         latents = result.sample.float()
         images = prompts.decode(latents) if prompts.decode is not None else latent_visualisation(latents)
         heading = f"{title}  |  " if title else ""
@@ -290,23 +293,28 @@ class RunLogger:
         self._writer = None
         self._metrics = None
         self._bar = None
-        if rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
+        with all_ranks_agree(f"creating the run logs in {self.output_dir}"):
+            if rank == 0:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            self._writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
-            self._metrics = open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8")
-            if progress:
-                from tqdm.auto import tqdm
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                self._writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+                self._metrics = open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8")
+                if progress:
+                    from tqdm.auto import tqdm
 
-                self._bar = tqdm(total=config.train.max_steps, desc="train", unit="step", dynamic_ncols=True)
+                    self._bar = tqdm(total=config.train.max_steps, desc="train", unit="step", dynamic_ncols=True)
 
     # ------------------------------------------------------------------------------------ scalars
     def log_step(self, step: int, scalars: Mapping[str, float]) -> None:
         """Record one optimizer step's (rank-averaged) scalars: the progress bar every step, TensorBoard
-        and ``metrics.jsonl`` every ``train.log_every`` steps. Rank 0 only; other ranks return."""
-        if self.rank != 0:
-            return
+        and ``metrics.jsonl`` every ``train.log_every`` steps. Rank 0 writes; every rank calls it, and all
+        agree that the write succeeded (one tiny all-reduce)."""
+        with all_ranks_agree(f"writing the step-{step} logs"):
+            if self.rank == 0:
+                self._write_step(step, scalars)
+
+    def _write_step(self, step: int, scalars: Mapping[str, float]) -> None:
         values = {k: float(v) for k, v in scalars.items()}
         mem_name, mem_gib = memory_reading()
         values[mem_name] = mem_gib
@@ -341,15 +349,16 @@ class RunLogger:
         if not every or step % every:
             return
         prompts = self._sample_prompts()
-        with teacher.session() as model:
+        # Rank 0 decodes and writes after the last collective forward; all ranks agree it succeeded.
+        with all_ranks_agree(f"writing the step-{step} sample grids"), teacher.session() as model:
             written = write_sample_grids(
                 self.output_dir / "samples", f"step{step:07d}", model, prompts, self.config.sampling.presets,
                 device=_device_of(backbone), seed=self.config.sampling.seed, title=f"step {step}",
                 write=self.rank == 0,
             )
-        for name, path in written.items():
-            with Image.open(path) as grid:
-                self._writer.add_image(f"samples/{name}", np.asarray(grid.convert("RGB")), step, dataformats="HWC")
+            for name, path in written.items():
+                with Image.open(path) as grid:
+                    self._writer.add_image(f"samples/{name}", np.asarray(grid.convert("RGB")), step, dataformats="HWC")
 
     def _sample_prompts(self) -> SamplePrompts:
         if self._prompts is None:
@@ -359,10 +368,10 @@ class RunLogger:
                 import torch.distributed as dist
 
                 distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-                mine = (
-                    encoded_sample_prompts(self.config.data.cache_dir, self.config.sampling, decode=True)
-                    if self.rank == 0 else None
-                )
+                mine = None
+                with all_ranks_agree("encoding the sample prompts on rank 0"):
+                    if self.rank == 0:
+                        mine = encoded_sample_prompts(self.config.data.cache_dir, self.config.sampling, decode=True)
                 if distributed:
                     shared = _broadcast_from_rank0(mine)
                     self._prompts = mine if self.rank == 0 else shared

@@ -49,7 +49,7 @@ from .config import TrainConfig
 from .data import build_loader
 from .deepspeed_config import build_deepspeed_config, prepare_jit_environment
 from .export import Weights, export_from_trainer, export_layout
-from .distributed import DistInfo, any_rank, init_distributed, mean_over_ranks
+from .distributed import DistInfo, all_ranks_agree, any_rank, init_distributed, mean_over_ranks
 from .lr_schedule import WarmupDecaySchedule
 from .teachers import build_run_teacher
 
@@ -176,7 +176,8 @@ class Trainer:
         self.loader = build_loader(config.data, config.synthetic_data, config.train.micro_batch_size,
                                    self.dist.rank, self.dist.world_size)
         self.store = CheckpointStore(config.output_dir / "checkpoints", self.dist.rank, self.dist.world_size,
-                                     config.train.keep_last, fault_after_rank_files=self._save_fault)
+                                     config.train.keep_last, fault_after_rank_files=self._save_fault,
+                                     fault_in_commit=self._commit_fault)
         self.state = TrainState()
         seed_everything(rank_seed(config.train.seed, self.dist.rank))
         self.resumed_from = self._resume()
@@ -262,11 +263,11 @@ class Trainer:
     # --------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
         """Collective: write a complete checkpoint of the current step (see :mod:`.checkpoint`)."""
-        tensors = zero3_partition_state(self.optimizer)
+        tensors, optim_plain = zero3_partition_state(self.optimizer)
         teacher_data = split_tensors(self.teacher.state_dict(), "teacher", tensors)
         rng_tensors, rng_data = capture_rng(self.dist.device)
         tensors.update(rng_tensors)
-        rank_data = {"teacher": teacher_data, "data": self.loader.state_dict(), "rng": rng_data}
+        rank_data = {"teacher": teacher_data, "data": self.loader.state_dict(), "rng": rng_data, "optim": optim_plain}
         meta = {
             "train_state": dataclasses.asdict(self.state),
             "scheduler": self.scheduler.state_dict(),
@@ -289,8 +290,9 @@ class Trainer:
             return None
         if not (path / "meta.json").is_file():
             raise ConfigError(f"config key 'train.resume': {path} is not a complete checkpoint (no meta.json)")
-        meta, tensors, rank_data = self.store.load(path)
-        load_zero3_partition_state(self.optimizer, tensors)
+        with all_ranks_agree(f"reading checkpoint {path}"):  # each rank reads its own files
+            meta, tensors, rank_data = self.store.load(path)
+        load_zero3_partition_state(self.optimizer, tensors, rank_data.get("optim", {}))
         self.teacher.load_state_dict(join_tensors(rank_data["teacher"], tensors))
         self.scheduler.load_state_dict(meta["scheduler"])
         self.loader.load_state_dict(rank_data["data"])
@@ -311,3 +313,8 @@ class Trainer:
         """Test hook (``faults.crash_in_save_at_step``): die after this rank's files are written."""
         if self.config.faults.crash_in_save_at_step == step:
             os._exit(SAVE_CRASH_EXIT_STATUS)
+
+    def _commit_fault(self, step: int) -> None:
+        """Test hook (``faults.fail_commit_at_step``): rank 0's checkpoint commit fails."""
+        if self.config.faults.fail_commit_at_step == step:
+            raise OSError(f"injected failure in the checkpoint commit at step {step} (faults.fail_commit_at_step)")

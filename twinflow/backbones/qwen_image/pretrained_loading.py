@@ -21,6 +21,7 @@ from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors import safe_open
 from torch import nn
 
+from twinflow.training.distributed import all_ranks_agree
 from twinflow.utils.typed_config import ConfigError
 
 from .partitioned import gathered, is_partitioned
@@ -89,19 +90,24 @@ def load_checkpoint_into(model: nn.Module, folder: str | Path, twin_embedder: bo
     _check_shapes(model, sources, files, folder)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     handles: dict[Path, object] = {}
+
+    def read(module_name: str, direct: list[tuple[str, nn.Parameter]]) -> None:
+        for param_name, param in direct:
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            key = sources[name]
+            if files[key] not in handles:
+                handles[files[key]] = safe_open(str(files[key]), framework="pt")
+            param.data.copy_(handles[files[key]].get_tensor(key).to(dtype=param.dtype))
+
+    # Rank 0 reads while every rank gathers: a read error must not skip rank 0's part of the collectives.
     try:
-        for module_name, module in model.named_modules():
-            direct = list(module.named_parameters(recurse=False))
-            if not direct:
-                continue
-            with gathered([p for _, p in direct], modify=True):
-                if rank != 0:
+        with all_ranks_agree(f"loading {folder} on rank 0") as section:
+            for module_name, module in model.named_modules():
+                direct = list(module.named_parameters(recurse=False))
+                if not direct:
                     continue
-                for param_name, param in direct:
-                    name = f"{module_name}.{param_name}" if module_name else param_name
-                    key = sources[name]
-                    if files[key] not in handles:
-                        handles[files[key]] = safe_open(str(files[key]), framework="pt")
-                    param.data.copy_(handles[files[key]].get_tensor(key).to(dtype=param.dtype))
+                with gathered([p for _, p in direct], modify=True):
+                    if rank == 0:
+                        section.run(read, module_name, direct)
     finally:
         handles.clear()
