@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
-VARIANTS = {"fused": [], "offload": ["deepspeed.offload_optimizer=true"]}
+VARIANTS = {"fused": ["deepspeed.offload_optimizer=false"], "offload": ["deepspeed.offload_optimizer=true"]}
 COMMON = ["train.max_steps=6", "train.save_every=2", "train.keep_last=2", "kernels=auto"]
 
 
