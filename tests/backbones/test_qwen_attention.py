@@ -308,3 +308,69 @@ def test_unpadded_transformer_call_takes_the_dense_path_and_equals_diffusers():
         ref = plain_copy(ours).double()(**inputs)[0]
     assert paths == {"dense": 2}
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-11 * ref.abs().max().item())
+
+
+# --- CUDA: the varlen kernels and SDPA's kernels without a mask (run by the GPU check) --------------------
+
+BF16_U = 2.0**-8  # bfloat16 unit roundoff
+
+
+@pytest.mark.parametrize("backend, dtype, path", [
+    ("_native_flash", torch.bfloat16, "varlen"),  # varlen_flash_attn if flash-attn imports, else varlen_torch
+    ("native", torch.float32, "grouped_sdpa"),
+])
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_packed_attention_on_cuda_matches_a_float64_reference(backend, dtype, path):
+    heads, head_dim, image = 4, 128, 64
+    text_mask = ragged_mask([48, 1, 17, 0, 17, 33], text_len=48).cuda()
+    batch, seq = text_mask.shape[0], 48 + image
+    key_mask = torch.cat([text_mask, torch.ones(batch, image, dtype=torch.bool, device="cuda")], dim=1)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(batch, seq, heads, head_dim, generator=g, device="cuda").to(dtype).requires_grad_()
+               for _ in range(3))
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    before = attention_path_calls()
+    out = packed_attention(q, k, v, plan_packing(text_mask, image), AttentionBackendName(backend))
+    ran = {p for p, n in attention_path_calls().items() if n != before[p]}
+    if path == "varlen":
+        path = "varlen_flash_attn" if attention.flash_attn_2_available() else "varlen_torch"
+    assert ran == {path}
+    ref = masked_sdpa(q64, k64, v64, key_mask)
+    valid = key_mask[:, :, None, None]
+    weight = torch.randn(out.shape, generator=g, device="cuda", dtype=torch.float64) * valid
+    grads = torch.autograd.grad((out.double() * weight).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * weight).sum(), (q64, k64, v64))
+    # bf16: the kernel rounds P to bf16 before P V and rounds its output (2 u); the backward rounds dS and
+    # dP as well, so 4 u for gradients (relative to the largest value, fp32 accumulation is far finer).
+    # float32: the float64 summation bound above with float32's eps.
+    if dtype == torch.bfloat16:
+        out_tol, grad_tol = 2 * BF16_U, 4 * BF16_U
+    else:
+        out_tol = grad_tol = 8 * seq * torch.finfo(torch.float32).eps
+    torch.testing.assert_close(out.double() * valid, ref * valid, rtol=0, atol=out_tol * ref.abs().max().item())
+    for name, got, want in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=grad_tol * want.abs().max().item(),
+                                   msg=lambda m: f"d/d{name}: {m}")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_transformer_on_cuda_bf16_packed_is_as_accurate_as_masked_sdpa():
+    """The tiny transformer in bf16 on CUDA: packed attention (varlen flash) against diffusers' masked SDPA,
+    both against the float64 model on the same weights: the packed model is no less accurate."""
+    base = twin_model(0)
+    inputs64 = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in transformer_inputs(RAGGED).items()}
+    inputs = {k: (v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v)
+              for k, v in inputs64.items()}
+    ref = plain_copy(base).double().cuda()(**inputs64)[0]
+    ours = twin_model(0).to("cuda", torch.bfloat16)
+    configure_attention(ours, "_native_flash")
+    masked = plain_copy(base).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        out, paths = path_calls_during(lambda: ours(**inputs)[0])
+        out_masked = masked(**inputs)[0]
+    assert set(paths) <= {"varlen_torch", "varlen_flash_attn"} and sum(paths.values()) == 2
+    err = (out.double() - ref).abs().max().item()
+    err_masked = (out_masked.double() - ref).abs().max().item()
+    assert err <= 2 * err_masked + BF16_U * ref.abs().max().item(), (err, err_masked)
