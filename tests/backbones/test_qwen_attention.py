@@ -121,6 +121,7 @@ def test_plan_packs_rows_by_length_and_keeps_each_rows_tokens_in_order():
     assert plan.cu_seqlens.tolist() == [0, 2, 5, 9, 13]
     assert plan.max_seqlen == 4
     assert plan.groups == ((0, 1, 2), (2, 1, 3), (5, 2, 4))
+    assert not plan.dense and plan_packing(ragged_mask([2, 2]), image_len=2).dense
 
 
 def test_plan_takes_any_mask_pattern():
@@ -203,7 +204,6 @@ def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k):
 def test_varlen_branches_pass_the_packed_layout_the_kernels_expect(monkeypatch, path):
     """CPU check of the two CUDA-only branches' arguments: the kernels are replaced by a reference
     implementation of their contract (the GPU check runs the real kernels)."""
-    monkeypatch.setattr(attention, "packed_path", lambda backend, device, dtype: path)
     monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=reference_varlen))
     monkeypatch.setattr("torch.nn.attention.varlen.varlen_attn", reference_varlen, raising=False)
     batch, seq = len(RAGGED), max(RAGGED) + IMAGE_TOKENS
@@ -211,7 +211,8 @@ def test_varlen_branches_pass_the_packed_layout_the_kernels_expect(monkeypatch, 
     key_mask = torch.cat([text_mask, torch.ones(batch, IMAGE_TOKENS, dtype=torch.bool)], dim=1)
     q, k, v = qkv64(batch, seq)
     before = attention_path_calls()[path]
-    out = packed_attention(q, k, v, plan_packing(text_mask, IMAGE_TOKENS), AttentionBackendName("_native_flash"))
+    out = packed_attention(q, k, v, plan_packing(text_mask, IMAGE_TOKENS), AttentionBackendName("_native_flash"),
+                           path=path)
     assert attention_path_calls()[path] == before + 1
     ref = masked_sdpa(q, k, v, key_mask)
     valid = key_mask[:, :, None, None]
@@ -299,10 +300,13 @@ def test_transformer_with_packed_attention_equals_diffusers_masked_sdpa_float64(
     assert compared > 20
 
 
-def test_unpadded_transformer_call_takes_the_dense_path_and_equals_diffusers():
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_unpadded_transformer_call_takes_the_dense_path_and_equals_diffusers(with_mask):
     ours = twin_model(0).double()
     configure_attention(ours, "_native_flash")
-    inputs = {**transformer_inputs([4, 4, 4]), "encoder_hidden_states_mask": None}
+    inputs = transformer_inputs([4, 4, 4])
+    if not with_mask:
+        inputs["encoder_hidden_states_mask"] = None
     with torch.no_grad():
         out, paths = path_calls_during(lambda: ours(**inputs)[0])
         ref = plain_copy(ours).double()(**inputs)[0]

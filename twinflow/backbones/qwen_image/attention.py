@@ -28,16 +28,21 @@ valid text and image tokens (:func:`plan_packing`, once per forward), then atten
   tensors with SDPA (torch 2.13, ``torch/nested/_internal/sdpa.py``: on CPU it converts them to strided
   nested tensors for the math kernel, which materialises every score matrix; on CUDA it reaches the same
   ``_flash_attention_forward`` with ``cu_seqlens`` as ``varlen_torch``, through more machinery);
-  ``torch.nn.attention.varlen`` on CPU (CUDA only). All three paths are exact attention: the packed
-  rows contain exactly the keys that the mask would leave, so results differ from masked SDPA only in
-  floating-point summation order (tested in float64 on CPU).
+  ``torch.nn.attention.varlen`` on CPU (CUDA only). Measured on the 2-core CPU machine
+  (``benchmarks/attention_paths.py --device cpu``, forward + backward, loaded machine): grouped SDPA is
+  on par with masked SDPA for a cond + uncond batch and ~15% faster with 8 distinct lengths; nested
+  tensors were 3x slower than masked SDPA in the forward alone. On CUDA the gain is the kernel: masked
+  SDPA can only use the memory-efficient kernel, the varlen paths run flash attention on valid tokens.
 
-Without a text mask (no token is padding: the backbone drops an all-true mask), the joint sequence runs
-through the configured backend as it is (``dense``). :func:`attention_path_calls` counts the calls per
+All three paths are exact attention: the packed rows contain exactly the keys that the mask would leave,
+so results differ from masked SDPA only in floating-point summation order (tested in float64 on CPU).
+Without a text mask, or with one that marks no token as padding, the joint sequence runs through the
+configured backend as it is (``dense``). :func:`attention_path_calls` counts the calls per
 path for the benchmarks.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -59,6 +64,7 @@ FLASH_BACKENDS = frozenset({"_native_flash", "flash", "_flash_3"})
 """Flash kernels: they reject an attention mask in diffusers 0.42 and need fp16/bf16 on CUDA."""
 
 
+@functools.cache
 def flash_attn_2_available() -> bool:
     """Whether diffusers can use the ``flash`` backend (the ``flash_attn`` package imports)."""
     from diffusers.utils import is_flash_attn_available, is_flash_attn_version
@@ -66,6 +72,7 @@ def flash_attn_2_available() -> bool:
     return is_flash_attn_available() and is_flash_attn_version(">=", "2.6.3")
 
 
+@functools.cache
 def flash_attn_3_available() -> bool:
     """Whether FlashAttention-3's ``flash_attn_interface`` module is importable."""
     return importlib.util.find_spec("flash_attn_interface") is not None
@@ -144,7 +151,7 @@ class PackPlan:
     ``r`` holds that row's valid text tokens (in order) then all its image tokens. ``index`` holds, for
     each packed token, its position in the flattened ``(batch * seq)`` joint sequence; ``cu_seqlens``
     (int32, ``rows + 1``) the packed row boundaries; ``groups`` the runs of consecutive packed rows of
-    equal length as ``(first_token, rows, length)``, host integers.
+    equal length as ``(first_token, rows, length)``, host integers; ``dense``: no token is padding.
     """
 
     index: torch.Tensor
@@ -153,6 +160,7 @@ class PackPlan:
     groups: tuple[tuple[int, int, int], ...]
     batch: int
     seq_len: int
+    dense: bool
 
 
 def plan_packing(text_mask: torch.Tensor, image_len: int) -> PackPlan:
@@ -177,10 +185,11 @@ def plan_packing(text_mask: torch.Tensor, image_len: int) -> PackPlan:
         first += rows * length
     return PackPlan(
         index=flat[valid].to(device), cu_seqlens=cu_seqlens.to(device), max_seqlen=int(lengths.max()),
-        groups=tuple(groups), batch=batch, seq_len=seq_len,
+        groups=tuple(groups), batch=batch, seq_len=seq_len, dense=first == batch * seq_len,
     )
 
 
+@functools.cache
 def torch_varlen_available() -> bool:
     """Whether PyTorch has ``torch.nn.attention.varlen.varlen_attn`` (added in 2.9)."""
     try:
@@ -208,17 +217,20 @@ def packed_path(backend: str, device: torch.device, dtype: torch.dtype) -> str:
 
 
 def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: PackPlan,
-                     backend: AttentionBackendName) -> torch.Tensor:
+                     backend: AttentionBackendName, path: str | None = None) -> torch.Tensor:
     """Joint attention of (B, S, H, D) ``query``/``key``/``value`` over each row's valid tokens only.
 
     Equals masked attention with a key mask at every valid query position; padded query positions
     get zeros (their output feeds only padded text tokens, which no valid token attends to, and the
     model's output is the image stream). Differentiable (the packing is an ``index_select``, the
-    unpacking an ``index_copy``).
+    unpacking an ``index_copy``). ``path`` forces one of the packed kernels (benchmarks, tests); by
+    default :func:`packed_path` chooses.
     """
-    path = packed_path(backend.value, query.device, query.dtype)
-    _PATH_CALLS[path] += 1
     batch, seq_len, heads, head_dim = query.shape
+    if (batch, seq_len) != (plan.batch, plan.seq_len):
+        raise ValueError(f"pack plan is for (batch, seq) = {(plan.batch, plan.seq_len)}, got {(batch, seq_len)}")
+    path = path or packed_path(backend.value, query.device, query.dtype)
+    _PATH_CALLS[path] += 1
     q, k, v = (x.reshape(batch * seq_len, heads, head_dim).index_select(0, plan.index) for x in (query, key, value))
     if path == "varlen_flash_attn":
         # flash-attn 2.x API (>= 2.6.3, the version diffusers' ``flash`` backend requires):
@@ -248,8 +260,9 @@ class PackedJointAttnProcessor(QwenDoubleStreamAttnProcessor2_0):
 
     The projections, QK norms and RoPE are diffusers' modules and function, applied as diffusers'
     processor applies them (a test checks equality with it). Without a text mask the joint sequence runs
-    through the configured backend (``dense``); with one, through :func:`packed_attention` with the
-    plan passed in ``pack_plan`` (the transformer builds it once per forward) or built here.
+    through the configured backend (``dense``), and so does a mask without padding; with padding, through
+    :func:`packed_attention` with the plan passed in ``pack_plan`` (the transformer builds it once per
+    forward) or built here.
     """
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
@@ -276,13 +289,13 @@ class PackedJointAttnProcessor(QwenDoubleStreamAttnProcessor2_0):
             qkv.append((q, k, v))
         (img_q, img_k, img_v), (txt_q, txt_k, txt_v) = qkv
         query, key, value = (torch.cat(pair, dim=1) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
-        if encoder_hidden_states_mask is None:
+        if encoder_hidden_states_mask is not None and pack_plan is None:
+            pack_plan = plan_packing(encoder_hidden_states_mask, hidden_states.shape[1])
+        if encoder_hidden_states_mask is None or pack_plan.dense:
             _PATH_CALLS["dense"] += 1
             joint = dispatch_attention_fn(query, key, value, backend=self._attention_backend,
                                           parallel_config=self._parallel_config)
         else:
-            if pack_plan is None:
-                pack_plan = plan_packing(encoder_hidden_states_mask, hidden_states.shape[1])
             if self._parallel_config is not None:
                 raise NotImplementedError("packed attention does not support diffusers' context parallelism")
             backend = self._attention_backend or AttentionBackendName.NATIVE
