@@ -191,6 +191,45 @@ _VARIANT_SETTINGS = {
 }
 
 
+class AttentionPathLog:
+    """Which attention path (``twinflow.backbones.qwen_image.attention.ATTENTION_PATHS``) each forward
+    ran: hooks around the backbones' forwards take the difference of the attention module's per-path call
+    counters (Python integers: no device sync, no tensor). ``forwards`` lists, in call order since the last
+    :meth:`clear`, ``{"model", "rows", "paths"}`` per forward; a step's passes run in the objective's order
+    (adv fakes, main, guidance, RCGM, rectification), and the guidance pass (cond + uncond rows, padded
+    text) is the one that exercises the packed paths."""
+
+    def __init__(self, models: dict[str, torch.nn.Module]):
+        self.forwards: list[dict] = []
+        self._open: list[dict[str, int]] = []
+        for name, model in models.items():
+            model.register_forward_pre_hook(self._enter)
+            model.register_forward_hook(lambda module, args, output, name=name: self._exit(name, args))
+
+    def clear(self) -> None:
+        self.forwards = []
+
+    def _enter(self, module, args) -> None:
+        from twinflow.backbones.qwen_image.attention import attention_path_calls
+
+        self._open.append(attention_path_calls())
+
+    def _exit(self, name: str, args) -> None:
+        from twinflow.backbones.qwen_image.attention import attention_path_calls
+
+        before, after = self._open.pop(), attention_path_calls()
+        paths = {path: after[path] - before[path] for path in after if after[path] != before[path]}
+        self.forwards.append({"model": name, "rows": int(args[0].shape[0]), "paths": paths})
+
+    def totals(self) -> dict[str, int]:
+        """Attention calls per path over the logged forwards."""
+        total: dict[str, int] = {}
+        for entry in self.forwards:
+            for path, calls in entry["paths"].items():
+                total[path] = total.get(path, 0) + calls
+        return total
+
+
 def attention_backend_of(model: torch.nn.Module) -> str:
     for module in model.modules():
         backend = getattr(getattr(module, "processor", None), "_attention_backend", None)
@@ -215,6 +254,7 @@ class StepRunner:
         method = TwinFlowConfig(kernels=loss_kernels)
         self.objective = objective_cls(method)
         self.teacher = ShadowEMATeacher(self.model, method.ema_decay_rate, ema_backend)
+        self.attention_paths = AttentionPathLog({"online": self.model, "teacher": self.teacher.model})
         fused = device.type == "cuda"
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-6, weight_decay=0.0,
                                            fused=fused or None, foreach=None if fused else True)
@@ -226,6 +266,7 @@ class StepRunner:
         """One optimizer step; the random draws depend only on the step count, not on the variant."""
         self._step_seed += 1
         torch.manual_seed(self._step_seed)
+        self.attention_paths.clear()
         out = self.objective.training_step(self.model, self.x, self.cond, self.uncond, self.teacher)
         out.loss.backward()
         self.optimizer.step()
@@ -258,6 +299,8 @@ def summarize(runner: StepRunner, seconds_per_step: float, peak_bytes: Optional[
         "seconds_per_step": seconds_per_step,
         "peak_memory_bytes": peak_bytes,
         "attention_backend": runner.attention_backend,
+        "attention_paths_per_step": runner.attention_paths.totals(),
+        "attention_paths_per_forward": list(runner.attention_paths.forwards),
         "forward_rows": dict(runner.last_forward_rows),
         "main_pass_tflop_per_step": flops["main_pass_flop"] / 1e12,
         "model_tflop_per_step": flops["step_flop"] / 1e12,

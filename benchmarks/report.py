@@ -73,12 +73,18 @@ def markdown(record: dict) -> str:
             mfu = f"{m['main_pass_mfu']:.1%}" if m["main_pass_mfu"] is not None else "- (no peak for this device)"
             all_mfu = f"{m['all_pass_mfu']:.1%}" if m["all_pass_mfu"] is not None else "-"
             lines.append(f"| {m['variant']} | {m['images_per_s']:.3g} | {_time(m['seconds_per_step'])} | {mem} | {mfu} | "
-                         f"{all_mfu} | `{m['attention_backend']}` |")
+                         f"{all_mfu} | `{m['attention_backend']}` {_paths(m)} |")
     lines += ["", "| target | status |", "|---|---|"]
     for t in record["targets"]:
         details = "; ".join(t["details"])
         lines.append(f"| {t['statement']} | {t['status']}{': ' + details if details else ''} |")
     return "\n".join(lines)
+
+
+def _paths(measurement: dict) -> str:
+    """The attention paths of the last timed step, e.g. ``(dense 14, grouped_sdpa 2)``."""
+    paths = measurement.get("attention_paths_per_step")
+    return "(" + ", ".join(f"{k} {v}" for k, v in sorted(paths.items())) + ")" if paths else ""
 
 
 def plot(record: dict, path: Path) -> None:

@@ -239,7 +239,8 @@ def summary_lines(record: dict) -> list[str]:
             mem = f"{m['peak_memory_bytes'] / 2**30:.2f} GiB" if m["peak_memory_bytes"] is not None else "not measured (CPU)"
             mfu = f"{m['main_pass_mfu']:.1%}" if m["main_pass_mfu"] is not None else "not computed (no peak for this device)"
             lines.append(f"  e2e {m['variant']:<8} {m['images_per_s']:.3g} images/s, {_fmt_time(m['seconds_per_step'])}/step, "
-                         f"peak memory {mem}, main-pass MFU {mfu}, attention {m['attention_backend']}")
+                         f"peak memory {mem}, main-pass MFU {mfu}, attention {m['attention_backend']} "
+                         f"(calls per path in the last step: {m.get('attention_paths_per_step', 'not recorded')})")
     lines.append("targets:")
     for t in record["targets"]:
         lines.append(f"  [{t['status']}] {t['statement']}")

@@ -8,9 +8,10 @@ import torch
 
 from twinflow.backbones.qwen_image.config import QwenImageBackboneConfig, build_qwen_image_backbone
 from twinflow.method.config import TwinFlowConfig
+from twinflow.method.conditioning import cat_conditions
 from twinflow.method.objective import TwinFlowObjective
 
-from .e2e import ReferenceOrderObjective, ShadowEMATeacher, e2e_size, forward_flops, make_batch
+from .e2e import AttentionPathLog, ReferenceOrderObjective, ShadowEMATeacher, e2e_size, forward_flops, make_batch
 from .harness import Timing
 from .kernel_cases import KernelCase, lora_shapes
 from .results import BenchRun, evaluate_targets, write_record
@@ -50,6 +51,26 @@ def test_baseline_objective_computes_the_same_step_as_ours():
     assert set(ours.forward_rows) == {"adv_fake", "main", "guidance", "rcgm", "rectification"}
     torch.testing.assert_close(baseline.base_loss, ours.base_loss, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(baseline.rect_loss, ours.rect_loss, rtol=1e-4, atol=1e-6)
+
+
+@torch.no_grad()
+def test_attention_path_log_reports_the_path_of_each_forward():
+    """The e2e record's per-forward attention paths: an unpadded batch runs the plain path, a cond + uncond
+    batch (padded to the longer prompt) the packed one (grouped SDPA on CPU), never a masked kernel."""
+    size, model = _tiny_backbone("_native_flash")
+    x, cond, uncond = make_batch(size, torch.device("cpu"), seed=0)
+    log = AttentionPathLog({"online": model})
+    t = torch.rand(size.batch)
+    model(x, t, t, cond)
+    model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([t, t]), cat_conditions([cond, uncond]))
+    layers = size.transformer["num_layers"]
+    assert log.forwards == [
+        {"model": "online", "rows": size.batch, "paths": {"dense": layers}},
+        {"model": "online", "rows": 2 * size.batch, "paths": {"grouped_sdpa": layers}},
+    ]
+    assert log.totals() == {"dense": layers, "grouped_sdpa": layers}
+    log.clear()
+    assert log.forwards == [] and log.totals() == {}
 
 
 def test_lora_case_shapes():

@@ -26,6 +26,7 @@ from diffusers.models.transformers.transformer_qwenimage import (
     QwenTimestepProjEmbeddings,
 )
 
+from .attention import plan_packing, uses_packed_attention
 from .partitioned import gathered
 
 KERNEL_CHOICES = ("eager", "triton")
@@ -183,6 +184,8 @@ class TwinFlowQwenImageTransformer(QwenImageTransformer2DModel):
         """diffusers' forward with an optional ``target_timestep`` (B,) beside ``timestep`` (B,).
 
         ``target_timestep=None`` is exactly the parent model (the time embedding sees ``timestep`` only).
+        With a text mask and packed attention (:func:`~.attention.configure_attention`), the packing plan is
+        built here once and reaches every block through ``attention_kwargs``.
         """
         if target_timestep is not None:
             if timestep is None or target_timestep.shape != timestep.shape:
@@ -191,6 +194,10 @@ class TwinFlowQwenImageTransformer(QwenImageTransformer2DModel):
                     f"{None if timestep is None else tuple(timestep.shape)}"
                 )
             additional_t_cond = DualTimeRequest(target_timestep, additional_t_cond, self._dual_time_embedding)
+        if encoder_hidden_states_mask is not None and uses_packed_attention(self):
+            # One packing plan (one host copy of the mask) for all blocks, instead of one per block.
+            plan = plan_packing(encoder_hidden_states_mask, hidden_states.shape[1])
+            attention_kwargs = {**(attention_kwargs or {}), "pack_plan": plan}
         return super().forward(
             hidden_states=hidden_states,
             encoder_hidden_states=encoder_hidden_states,
