@@ -64,15 +64,17 @@ def main() -> None:
     for _ in range(args.steps):
         report, counts = counter.step()
         row = {"step": report.step, "loss": report.loss, **counts.summary(),
+               "most_gathered": counter.most_gathered(counts),
                "budget_params": (counts.forwards + 1) * n_params,
                "budget_elements": (counts.forwards + 1) * counter.total_numel}
         rows.append(row)
         if rank == 0:
             print(f"[zero3_gathers] step {row['step']}: loss {row['loss']:.6f} | param gathers {row['params']} "
-                  f"({row['elements']} elements) | collectives {row['collectives']} ({row['bytes']} B) | "
+                  f"({row['prefetched']} prefetched, {row['elements']} elements) | collectives {row['collectives']} ({row['bytes']} B) | "
                   f"forwards {row['forwards']} {row['passes']} | max per param {row['max_gathers_per_param']} | "
                   f"budget (forwards+1) x params {row['budget_params']}", flush=True)
             if args.per_pass:
+                print(f"[zero3_gathers]     most gathered: {row['most_gathered']}", flush=True)
                 for name, c in row["per_pass"].items():
                     print(f"[zero3_gathers]     {name:>18}: {c}", flush=True)
     counter.remove()

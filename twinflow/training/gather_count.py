@@ -5,6 +5,8 @@ Two levels, both installed by :class:`GatherCounter` on a live :class:`~.trainer
 * parameters: every partitioned parameter's ``all_gather_coalesced`` / ``all_gather`` (what DeepSpeed's
   parameter coordinator, ``GatheredParameters`` and the export call) is wrapped; each parameter that is
   actually fetched (status ``NOT_AVAILABLE`` at the call) counts one gather of ``ds_numel`` elements;
+  a gather issued while the coordinator fetches a module that does not own the parameter is a
+  *prefetch* (``prefetched``), the others are on-demand fetches;
 * collectives: ``deepspeed.comm``'s backend ``all_gather_into_tensor`` / ``all_gather`` is wrapped; each
   call counts one collective and the bytes of its output (the gathered buffer, what every rank receives).
 
@@ -35,6 +37,7 @@ class StepGathers:
     """All-gathers of one optimizer step."""
 
     params: int = 0  # parameter gathers (one per parameter fetched)
+    prefetched: int = 0  # of which issued ahead of their module (DeepSpeed's trace-driven prefetch)
     elements: int = 0  # elements of the gathered (full) parameters
     collectives: int = 0  # all-gather collectives issued
     bytes: int = 0  # bytes of the collectives' outputs
@@ -48,7 +51,7 @@ class StepGathers:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "params": self.params, "elements": self.elements, "collectives": self.collectives, "bytes": self.bytes,
+            "params": self.params, "prefetched": self.prefetched, "elements": self.elements, "collectives": self.collectives, "bytes": self.bytes,
             "forwards": self.forwards, "passes": list(self.passes),
             "max_gathers_per_param": self.max_gathers_per_param(),
             "per_pass": {k: dict(v) for k, v in self.per_pass.items()},
@@ -75,6 +78,7 @@ class GatherCounter:
         self.trainer = trainer
         self.module = trainer.backbone if module is None else module
         self.numel = {p.ds_id: int(p.ds_numel) for p in self.module.parameters() if hasattr(p, "ds_id")}
+        self.names = {p.ds_id: n for n, p in self.module.named_parameters() if hasattr(p, "ds_id")}
         self.total_numel = sum(self.numel.values())
         self.current: StepGathers | None = None
         self.phase = "other"
@@ -86,6 +90,9 @@ class GatherCounter:
         backend = ds_comm.cdb
         for attr in ("all_gather_into_tensor", "all_gather"):
             self._wrap_collective(backend, attr)
+        self._fetching: set[int] | None = None  # ds_ids of the module being fetched by the coordinator
+        coordinator = trainer.optimizer.parameter_offload.get_param_coordinator()
+        self._wrap_fetch(coordinator)
         engine = trainer.engine
         self._wrap_phase(engine, "backward", "backward")
         self._wrap_phase(engine, "step", "step")
@@ -123,6 +130,9 @@ class GatherCounter:
                         self.current.per_param[p.ds_id] += 1
                         self.current.per_pass[self.phase]["params"] += 1
                         self.current.per_pass[self.phase]["elements"] += int(p.ds_numel)
+                        if self._fetching is not None and p.ds_id not in self._fetching:
+                            self.current.prefetched += 1
+                            self.current.per_pass[self.phase]["prefetched"] += 1
             return original(param_list, *args, **kwargs) if param_list is not None else original(*args, **kwargs)
 
         self._patch(param, attr, counted)
@@ -142,6 +152,21 @@ class GatherCounter:
             return original(*args, **kwargs)
 
         self._patch(backend, attr, counted)
+
+    def _wrap_fetch(self, coordinator: Any) -> None:
+        from deepspeed.runtime.zero.partitioned_param_coordinator import iter_params
+        from deepspeed.utils import z3_leaf_module
+
+        original = coordinator.fetch_sub_module
+
+        def fetch(sub_module, *args, **kwargs):
+            self._fetching = {p.ds_id for p in iter_params(sub_module, recurse=z3_leaf_module(sub_module))}
+            try:
+                return original(sub_module, *args, **kwargs)
+            finally:
+                self._fetching = None
+
+        self._patch(coordinator, "fetch_sub_module", fetch)
 
     def _wrap_phase(self, obj: Any, attr: str, phase: str) -> None:
         original = getattr(obj, attr)
@@ -171,6 +196,9 @@ class GatherCounter:
             yield self.current
         finally:
             self.current, self.phase = None, "other"
+
+    def most_gathered(self, counts: StepGathers, n: int = 5) -> list[tuple[str, int]]:
+        return [(self.names.get(i, str(i)), c) for i, c in counts.per_param.most_common(n)]
 
     def step(self) -> tuple[Any, StepGathers]:
         """One ``trainer.train_step()`` with its gathers counted."""
