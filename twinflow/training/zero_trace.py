@@ -51,6 +51,7 @@ class StepTrace:
 
     def __init__(self, engine: Any):
         self.active = False
+        self.fence = True  # fence the prefetch queue at teacher-session releases (tests turn it off)
         self._in_step = False
         self._recording: list[int] | None = None  # release points seen in the step being recorded
         self._fences: list[int] = []  # release points of the recorded trace (coordinator step ids)
@@ -105,7 +106,7 @@ class StepTrace:
             self._recording, self._fences = None, []
         self._pending = []
         queue = self._queue()
-        if self._fences and self._coordinator.is_complete_trace() and queue is not None:
+        if self.fence and self._fences and self._coordinator.is_complete_trace() and queue is not None:
             entries = list(queue)
             bounds = [0, *self._fences]
             segments: list[list[Any]] = [[] for _ in bounds]
