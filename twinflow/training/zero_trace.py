@@ -16,8 +16,8 @@ covers every forward and the backward, so DeepSpeed prefetches across the forwar
 the backward, and every step replays the same trace. Forwards outside a step (sampling, evaluation,
 tests) reset as before. Nothing else changes: which parameters are fetched, released and kept follows
 DeepSpeed's own rules and limits (``stage3_prefetch_bucket_size``, ``stage3_max_live_parameters``,
-``stage3_max_reuse_distance``), so memory stays bounded by the same settings; no module is gathered
-whole.
+``stage3_max_reuse_distance``), so memory stays bounded by the same settings; nothing gathers the
+whole model at once.
 
 Teacher sessions (:mod:`.zero_ema`) swap the partitions inside a step; they release every gathered
 parameter (``optimizer.empty_partition_cache``) on entry and on exit, so that the next pass gathers
@@ -27,11 +27,13 @@ of the next pass. So the trace is *fenced* at these releases: the step in which 
 notes where they happen, and in the steps that replay it the prefetcher only sees the queue of
 parameters up to the next release; each release appends the next segment. Within a segment DeepSpeed
 prefetches as usual, across passes of the same weights included. The result: every parameter is
-gathered at most once per forward plus once for the backward, and the backward and the first forward
-are prefetched too (DeepSpeed's per-forward trace could not reach them).
+gathered at most once per forward plus once for the backward, the step's first forward is prefetched
+and the backward is traced (DeepSpeed's per-forward trace reached neither); how far the backward
+prefetches is then up to ``stage3_max_live_parameters`` (BENCHMARKS.md has the counts).
 
-If the DeepSpeed internals this relies on are absent (another version, or not ZeRO-3), :meth:`step` is
-a no-op and DeepSpeed's per-forward behaviour stays.
+This relies on DeepSpeed internals checked on 0.19.8: ``parameter_offload.fwd_pre_hook``, the
+coordinator's ``reset_step`` and its private ``__param_queue`` / ``__step_id``. If they are absent
+(another version, or not ZeRO-3), :meth:`step` is a no-op and DeepSpeed's per-forward behaviour stays.
 """
 from __future__ import annotations
 
