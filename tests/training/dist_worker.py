@@ -16,7 +16,9 @@ and reuse gathered parameters across the whole step (the worst case for stale ga
 5. an injected non-finite loss skips the step (weights, optimizer, EMA, LR schedule untouched) and is
    counted; ``max_consecutive_nonfinite`` in a row raise;
 6. LoRA: the ``ema`` adapter teacher matches a plain model, survives a checkpoint, and exports as a
-   peft adapter and a merged transformer.
+   peft adapter and a merged transformer;
+7. ZeRO-3 all-gathers per optimizer step, DeepSpeed's per-forward trace against the trainer's per-step
+   trace (:func:`gather_checks`).
 
 Then a second Trainer (``straight``) trains the tiny config for 6 steps from scratch: the reference the
 crash/kill/resume chain is compared with. Finally a third one starts that chain: the same run in
@@ -145,6 +147,41 @@ def lora_checks(out: Path, rank: int) -> dict:
         "loaded_adapter_max_diff": max(float((a - b).abs().max()) for a, b in loaded),
     })
     return result
+
+
+GATHER_OVERRIDES = [
+    # Every parameter partitioned (none persistent) and prefetch limits small against the 98.6k-element
+    # model, as DeepSpeed's defaults are against a 20B one: per-module gathers, a prefetch window that a
+    # pass boundary can cross, and no pass that fits in one bucket.
+    "deepspeed.extra={zero_optimization: {stage3_param_persistence_threshold: 0, stage3_prefetch_bucket_size: 2000, "
+    "stage3_max_live_parameters: 20000, stage3_max_reuse_distance: 5000}}",
+]
+
+
+def gather_checks(out: Path) -> dict:
+    """ZeRO-3 all-gathers per optimizer step of the full TwinFlow step (6 forwards + backward), counted with
+    :class:`GatherCounter`: DeepSpeed's per-forward trace (``per_forward``) against the per-step trace
+    (``per_step``), then the per-step trace with its prefetch fences off (``unfenced``, negative control)."""
+    from twinflow.training.config import load_train_config
+    from twinflow.training.gather_count import GatherCounter
+    from twinflow.training.trainer import Trainer
+
+    results: dict = {}
+    for mode in ("per_forward", "per_step"):
+        trainer = Trainer(load_train_config(CONFIG, [f"train.output_dir={out / ('gathers_' + mode)}", "train.save_every=0",
+                                                     "train.max_steps=6", *GATHER_OVERRIDES]))
+        trainer.step_trace.active = mode == "per_step"  # inactive: DeepSpeed's reset at every top-level forward
+        counter = GatherCounter(trainer)
+        steps = [counter.step() for _ in range(4)]
+        results[mode] = {"params": len(counter.numel), "losses": [r.loss for r, _ in steps],
+                         "counts": [c.summary() for _, c in steps]}
+        if mode == "per_step":
+            trainer.step_trace.fence = False
+            steps = [counter.step() for _ in range(2)]
+            results["unfenced"] = {"params": len(counter.numel), "counts": [c.summary() for _, c in steps]}
+        counter.remove()
+        trainer.close()
+    return results
 
 
 def main() -> None:
@@ -282,6 +319,7 @@ def main() -> None:
     trainer.close()
 
     results["lora"] = lora_checks(out, rank)
+    results["gathers"] = gather_checks(out)
 
     # The reference straight run for the crash / kill / resume launches (same math as their config).
     straight = Trainer(load_train_config(CONFIG, [f"train.output_dir={out / 'straight'}", "train.save_every=2"]))

@@ -156,6 +156,32 @@ def test_lora_ema_adapter_teacher_checkpoint_and_export(worker):
     assert lora["loaded_adapter_pairs"] > 0 and lora["loaded_adapter_max_diff"] == 0.0
 
 
+def test_zero3_gathers_per_step_within_budget_and_every_forward_prefetched(worker):
+    """ZeRO-3 all-gathers of the 6-forward TwinFlow step (2-layer tiny model, nothing persistent, small
+    prefetch limits; see ``dist_worker.gather_checks``). Budget: each parameter gathered at most once per
+    forward plus once for the backward. DeepSpeed's default per-forward trace meets the budget too, but
+    leaves the step's first forward unprefetched; the per-step trace prefetches every forward."""
+    gathers = worker[0]["gathers"]
+    for mode in ("per_forward", "per_step"):
+        n_params = gathers[mode]["params"]
+        for counts in gathers[mode]["counts"]:
+            budget = counts["forwards"] + 1
+            assert counts["forwards"] == 6, counts["passes"]
+            assert counts["max_gathers_per_param"] <= budget, (mode, counts)
+            assert counts["params"] <= budget * n_params, (mode, counts)
+    per_step, per_forward = gathers["per_step"]["counts"], gathers["per_forward"]["counts"]
+    for counts in per_step[1:]:  # step 1 records the trace
+        forwards = {k: v for k, v in counts["per_pass"].items() if k[0].isdigit()}
+        assert len(forwards) == 6 and all(v.get("prefetched", 0) == v["params"] > 0 for v in forwards.values()), counts
+    # DeepSpeed's per-forward trace is invalidated by the backward: the next step's first forward is untraced.
+    assert all(c["per_pass"]["1:adv_fake"].get("prefetched", 0) == 0 for c in per_forward[1:])
+    # Negative control: without the fences, prefetches cross the teacher session's releases and are re-gathered.
+    unfenced = gathers["unfenced"]["counts"]
+    assert all(c["max_gathers_per_param"] > c["forwards"] + 1 for c in unfenced), unfenced
+    # Same losses bit for bit: the teacher passes still see the EMA weights and the online passes the online ones.
+    assert gathers["per_step"]["losses"] == gathers["per_forward"]["losses"]
+
+
 def test_crash_during_save_keeps_the_previous_checkpoint(chain):
     crash = chain["crash"]
     assert crash["rc"] == SAVE_CRASH_EXIT_STATUS

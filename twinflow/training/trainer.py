@@ -52,6 +52,7 @@ from .export import Weights, export_from_trainer, export_layout
 from .distributed import DistInfo, all_ranks_agree, any_rank, init_distributed, mean_over_ranks
 from .lr_schedule import WarmupDecaySchedule
 from .teachers import build_run_teacher
+from .zero_trace import StepTrace
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +168,8 @@ class Trainer:
             config=self.ds_config,
             lr_scheduler=lambda opt: WarmupDecaySchedule(opt, config.optim, config.train.max_steps),
         )
+        # One ZeRO-3 prefetch trace per micro batch's step (all its forwards and the backward), not per forward.
+        self.step_trace = StepTrace(self.engine)
         self.teacher = build_run_teacher(
             online=self.engine, module=self.backbone, optimizer=self.optimizer, lora=config.model.lora.enabled,
             ema_decay_rate=config.method.ema_decay_rate, backend=config.kernels,
@@ -212,12 +215,13 @@ class Trainer:
         poisoned = False
         for _ in range(gas):
             batch = next(self._batches).to(self.dist.device)
-            out = self.objective.training_step(self.engine, batch.latents, batch.cond, batch.uncond, self.teacher)
-            loss = out.loss
-            if self.state.step in cfg.faults.nonfinite_loss_steps:
-                loss = loss * float("nan")
-            poisoned = any_rank(not bool(torch.isfinite(loss.detach())), self.dist.device) or poisoned
-            self.engine.backward(loss * float("nan") if poisoned else loss)
+            with self.step_trace.step():
+                out = self.objective.training_step(self.engine, batch.latents, batch.cond, batch.uncond, self.teacher)
+                loss = out.loss
+                if self.state.step in cfg.faults.nonfinite_loss_steps:
+                    loss = loss * float("nan")
+                poisoned = any_rank(not bool(torch.isfinite(loss.detach())), self.dist.device) or poisoned
+                self.engine.backward(loss * float("nan") if poisoned else loss)
             self.engine.step()
             parts += torch.stack([loss.detach(), out.base_loss, out.rect_loss]).float() / gas
         applied = bool(self.engine.was_step_applied())
