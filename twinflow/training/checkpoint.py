@@ -20,8 +20,14 @@ Atomic protocol (:meth:`CheckpointStore.save`): every rank writes and fsyncs its
 ``step_XXXXXXXX`` and fsyncs the parent, then replaces ``latest`` (temp file, fsync, ``os.replace``), and
 only then prunes checkpoints beyond ``keep_last`` (renamed away first, then deleted, so a crash while
 pruning never leaves a partial checkpoint that looks complete). A crash at any point leaves the
-previous checkpoint and ``latest`` intact; leftovers of an interrupted save are removed by the next
-one. Multi-node runs need ``output_dir`` on a shared file system.
+previous checkpoint and ``latest`` intact; the leftovers of an interrupted save or prune (``.tmp-*``,
+``.trash-*``) are removed at the next start and by the next save (:func:`sweep_leftovers`). Multi-node
+runs need ``output_dir`` on a shared file system.
+
+Nothing non-finite is committed: before a save writes anything, every rank checks its tensors (master
+weights, optimizer state, EMA) and one all-reduce agrees on the answer; if any rank holds a NaN or
+inf, every rank refuses the save with :class:`CheckpointError` (the rank that found it names the first
+bad tensor), so ``latest`` keeps naming the last good checkpoint (:func:`refuse_nonfinite`).
 
 Loading checks the format, that the world size matches (partitions are per rank), and that every
 file has the byte size ``meta.json`` recorded, so a truncated file is an error naming it.
@@ -41,13 +47,15 @@ from safetensors.torch import load_file, save_file
 
 from twinflow.utils.atomic_files import atomic_write_text, fsync_path, write_json_durable
 
-from .distributed import barrier
+from .distributed import any_rank, barrier
 
 FORMAT = "twinflow-zero3-checkpoint"
 VERSION = 1
 META = "meta.json"
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+LEFTOVER_PREFIXES = (".tmp-", ".trash-")
+"""Folders of an interrupted save (``.tmp-step_N``) or prune (``.trash-step_N``)."""
 
 
 class CheckpointError(RuntimeError):
@@ -145,21 +153,62 @@ def load_zero3_partition_state(optimizer: Any, tensors: dict[str, torch.Tensor])
     optimizer.empty_partition_cache()
 
 
+# ------------------------------------------------------------------------------- what may be committed
+def first_nonfinite(tensors: dict[str, torch.Tensor]) -> Optional[str]:
+    """The name of the first floating-point tensor (in key order) holding a NaN or inf, else None."""
+    for key in sorted(tensors):
+        t = tensors[key]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return key
+    return None
+
+
+def refuse_nonfinite(tensors: dict[str, torch.Tensor], step: int) -> None:
+    """Collective: :class:`CheckpointError` on every rank if any rank's ``tensors`` hold a NaN or inf."""
+    import torch.distributed as dist
+
+    bad = first_nonfinite(tensors)
+    nccl = dist.is_initialized() and dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    if any_rank(bad is not None, device):
+        where = f"tensor {bad!r} holds NaN or inf" if bad is not None else "another rank holds a NaN or inf tensor (its error names it)"
+        raise CheckpointError(f"checkpoint of step {step} refused: {where}; nothing was written and 'latest' is unchanged")
+
+
+def sweep_leftovers(root: Path) -> list[str]:
+    """Delete what interrupted saves and prunes left under ``root`` (see :data:`LEFTOVER_PREFIXES`)."""
+    if not root.is_dir():
+        return []
+    removed = []
+    for path in sorted(root.iterdir()):
+        if path.name.startswith(LEFTOVER_PREFIXES) and path.is_dir():
+            shutil.rmtree(path)
+            removed.append(path.name)
+    return removed
+
+
 # ----------------------------------------------------------------------------------------------- store
 class CheckpointStore:
     """Writes and finds checkpoints under ``root`` with the atomic protocol of the module docstring.
 
     ``fault_after_rank_files``: a test hook called after this rank's files are written (it may exit the
-    process to simulate a crash in the middle of a save).
+    process to simulate a crash in the middle of a save). ``fault_in_prune``: one called (rank 0) after
+    a pruned checkpoint was moved to the trash and before it is deleted.
     """
 
     def __init__(self, root: str | Path, rank: int, world_size: int, keep_last: int,
-                 fault_after_rank_files: Optional[Callable[[int], None]] = None):
+                 fault_after_rank_files: Optional[Callable[[int], None]] = None,
+                 fault_in_prune: Optional[Callable[[int], None]] = None):
         self.root = Path(root)
         self.rank = rank
         self.world_size = world_size
         self.keep_last = keep_last
         self._fault = fault_after_rank_files
+        self._prune_fault = fault_in_prune
+
+    def sweep_leftovers(self) -> list[str]:
+        """Rank 0: delete the leftovers of interrupted saves and prunes (run at start and by every save)."""
+        return sweep_leftovers(self.root) if self.rank == 0 else []
 
     def complete_checkpoints(self) -> list[Path]:
         """Complete checkpoint folders (those with ``meta.json``), oldest first."""
@@ -182,12 +231,12 @@ class CheckpointStore:
 
     def save(self, step: int, tensors: dict[str, torch.Tensor], rank_data: dict[str, Any], meta: dict[str, Any]) -> Path:
         """Collective: every rank calls it with its own ``tensors``/``rank_data``; ``meta`` is used on rank 0."""
+        refuse_nonfinite(tensors, step)
         name = step_dir_name(step)
         tmp = self.root / f".tmp-{name}"
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(".tmp-*"):
-                shutil.rmtree(stale)
+            self.sweep_leftovers()
             tmp.mkdir()
         barrier()
         stem = f"rank-{self.rank:05d}"
@@ -212,22 +261,25 @@ class CheckpointStore:
             os.rename(tmp, final)
             fsync_path(self.root)
             atomic_write_text(self.root / LATEST, name + "\n")
-            self._prune(keep=final)
+            self._prune(keep=final, step=step)
         barrier()
         return final
 
-    def _discard(self, path: Path) -> None:
+    def _discard(self, path: Path, on_trashed: Optional[Callable[[], None]] = None) -> None:
         trash = self.root / f".trash-{path.name}"
         if trash.exists():
             shutil.rmtree(trash)
         os.rename(path, trash)
+        if on_trashed is not None:
+            on_trashed()
         shutil.rmtree(trash)
 
-    def _prune(self, keep: Path) -> None:
+    def _prune(self, keep: Path, step: int) -> None:
         complete = [p for p in self.complete_checkpoints() if p != keep]
         excess = len(complete) + 1 - self.keep_last
+        fault = self._prune_fault
         for old in complete[: max(excess, 0)]:
-            self._discard(old)
+            self._discard(old, None if fault is None else lambda: fault(step))
 
     def load(self, path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
         """``(meta, this rank's tensors, this rank's JSON data)`` of a complete checkpoint."""

@@ -176,7 +176,9 @@ class Trainer:
         self.loader = build_loader(config.data, config.synthetic_data, config.train.micro_batch_size,
                                    self.dist.rank, self.dist.world_size)
         self.store = CheckpointStore(config.output_dir / "checkpoints", self.dist.rank, self.dist.world_size,
-                                     config.train.keep_last, fault_after_rank_files=self._save_fault)
+                                     config.train.keep_last, fault_after_rank_files=self._save_fault,
+                                     fault_in_prune=self._prune_fault)
+        self.store.sweep_leftovers()  # what a killed save or prune left (.tmp-*, .trash-*)
         self.state = TrainState()
         seed_everything(rank_seed(config.train.seed, self.dist.rank))
         self.resumed_from = self._resume()
@@ -306,6 +308,11 @@ class Trainer:
 
     def close(self) -> None:
         self.run_logger.close()
+
+    def _prune_fault(self, step: int) -> None:
+        """Test hook (``faults.crash_in_prune_at_step``): die while pruning, a checkpoint in the trash."""
+        if self.config.faults.crash_in_prune_at_step == step:
+            os._exit(SAVE_CRASH_EXIT_STATUS)
 
     def _save_fault(self, step: int) -> None:
         """Test hook (``faults.crash_in_save_at_step``): die after this rank's files are written."""
