@@ -341,7 +341,10 @@ class TrainConfig:
         from twinflow.data.cache import check_fingerprint, data_fingerprint, read_manifest
         from twinflow.data.stats import DataError
 
-        model = self.model.transformer_settings()
+        try:
+            model = self.model.transformer_settings()
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("config key '", "config key 'model.", 1)) from e
         resume = self.train.resume
         if resume not in ("auto", "none") and not (Path(resume) / "meta.json").is_file():
             what = "does not exist" if not Path(resume).exists() else "is not a complete checkpoint (no meta.json)"

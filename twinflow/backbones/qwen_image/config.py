@@ -138,9 +138,17 @@ class QwenImageBackboneConfig:
                 close = difflib.get_close_matches(key, TRANSFORMER_DEFAULTS, n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else f"; valid keys: {sorted(TRANSFORMER_DEFAULTS)}"
                 raise ConfigError(f"unknown config key 'transformer.{key}'{hint}")
-        for key in ("patch_size", "in_channels", "joint_attention_dim"):
-            value = transformer.get(key, TRANSFORMER_DEFAULTS[key])
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        for key, value in transformer.items():
+            default = TRANSFORMER_DEFAULTS[key]
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise ConfigError(f"config key 'transformer.{key}': expected true/false, got {value!r}")
+            elif isinstance(default, tuple):
+                if not isinstance(value, (list, tuple)) or len(value) != len(default) or not all(
+                        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
+                    raise ConfigError(f"config key 'transformer.{key}' must be {len(default)} integers >= 1, got {value!r}")
+            elif not (value is None and key == "out_channels") and (
+                    isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"config key 'transformer.{key}' must be an integer >= 1, got {value!r}")
 
     def transformer_settings(self) -> dict[str, Any]:
