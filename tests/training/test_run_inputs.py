@@ -54,3 +54,17 @@ def test_the_caches_skipped_counts_reach_the_training_logs(tmp_path):
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert record["data/skipped_items"] == 5
     assert record["data/skipped/corrupt_image"] == 3 and record["data/skipped/image_too_large"] == 2
+
+
+def test_a_pretrained_models_shapes_are_read_from_its_folder(tmp_path):
+    from cache_helpers import TINY
+
+    folder = tmp_path / "qwen" / "transformer"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"_class_name": "QwenImageTransformer2DModel", "patch_size": 2,
+                                                    "in_channels": 64, "joint_attention_dim": 32}))
+    overrides = ["model.transformer=null", f"model.pretrained={tmp_path / 'qwen'}"]
+    config = load_train_config(TINY, overrides)  # no file is read when the config is loaded
+    with pytest.raises(ConfigError, match=r"'synthetic_data.latent_channels' gives 4 latent channels but model.pretrained .* takes 16"):
+        config.check_inputs()
+    load_train_config(TINY, overrides + ["synthetic_data.latent_channels=16"], check_inputs=True)

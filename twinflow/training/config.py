@@ -350,6 +350,10 @@ class TrainConfig:
             what = "does not exist" if not Path(resume).exists() else "is not a complete checkpoint (no meta.json)"
             raise ConfigError(f"config key 'train.resume': {resume} {what}")
         if self.data is None:
+            if self.model.pretrained is not None:  # an inline transformer was checked by __post_init__
+                syn = self.synthetic_data
+                self._check_shapes(model, syn.latent_channels, syn.latent_size, syn.latent_size, syn.text_dim,
+                                   "synthetic_data.latent_channels", "synthetic_data.latent_size", "synthetic_data.text_dim")
             return
         try:
             manifest = read_manifest(self.data.cache_dir)
