@@ -134,7 +134,7 @@ def test_nonfinite_tensors_are_never_committed(tmp_path, bad):
     store.save(2, good, {}, {})
     poisoned = {k: v.clone() for k, v in good.items()}
     poisoned[bad][1] = float("nan") if bad.startswith("teacher") else float("inf")
-    with pytest.raises(CheckpointError, match=rf"step 4 refused: tensor '{bad}' holds NaN or inf"):
+    with pytest.raises(CheckpointError, match=rf"step 4 refused: tensor '{bad}' on rank 0 holds NaN or inf"):
         store.save(4, poisoned, {}, {})
     assert (tmp_path / "latest").read_text().strip() == "step_00000002"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000002"]  # nothing written

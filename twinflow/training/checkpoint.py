@@ -26,8 +26,8 @@ runs need ``output_dir`` on a shared file system.
 
 Nothing non-finite is committed: before a save writes anything, every rank checks its tensors (master
 weights, optimizer state, EMA) and one all-reduce agrees on the answer; if any rank holds a NaN or
-inf, every rank refuses the save with :class:`CheckpointError` (the rank that found it names the first
-bad tensor), so ``latest`` keeps naming the last good checkpoint (:func:`refuse_nonfinite`).
+inf, every rank refuses the save with :class:`CheckpointError` naming the first bad tensor and its
+rank, so ``latest`` keeps naming the last good checkpoint (:func:`refuse_nonfinite`).
 
 Loading checks the format, that the world size matches (partitions are per rank), and that every
 file has the byte size ``meta.json`` recorded, so a truncated file is an error naming it.
@@ -164,15 +164,25 @@ def first_nonfinite(tensors: dict[str, torch.Tensor]) -> Optional[str]:
 
 
 def refuse_nonfinite(tensors: dict[str, torch.Tensor], step: int) -> None:
-    """Collective: :class:`CheckpointError` on every rank if any rank's ``tensors`` hold a NaN or inf."""
+    """Collective: :class:`CheckpointError` on every rank if any rank's ``tensors`` hold a NaN or inf.
+
+    One all-reduce of a flag agrees on the answer; only when it is yes are the ranks' findings gathered,
+    so every rank's error (and the one line rank 0 prints) names the tensor and the rank holding it."""
     import torch.distributed as dist
 
     bad = first_nonfinite(tensors)
-    nccl = dist.is_initialized() and dist.get_backend() == "nccl"
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    nccl = distributed and dist.get_backend() == "nccl"
     device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    if any_rank(bad is not None, device):
-        where = f"tensor {bad!r} holds NaN or inf" if bad is not None else "another rank holds a NaN or inf tensor (its error names it)"
-        raise CheckpointError(f"checkpoint of step {step} refused: {where}; nothing was written and 'latest' is unchanged")
+    if not any_rank(bad is not None, device):
+        return
+    found = [bad]
+    if distributed:
+        found = [None] * dist.get_world_size()
+        dist.all_gather_object(found, bad)
+    rank, name = next((r, n) for r, n in enumerate(found) if n is not None)
+    raise CheckpointError(f"checkpoint of step {step} refused: tensor {name!r} on rank {rank} holds NaN or inf; "
+                          "nothing was written and 'latest' is unchanged")
 
 
 def sweep_leftovers(root: Path) -> list[str]:
