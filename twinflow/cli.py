@@ -127,7 +127,11 @@ def launch_command(config: str, overrides: Sequence[str], num_gpus: int | None, 
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    _load_config(args)  # fail here, with the key named, rather than in every rank
+    from twinflow.training.config import load_train_config
+
+    # The whole config and the files it names, in this one process: a bad run fails here, with the key
+    # named, before the launcher starts any rank.
+    load_train_config(args.config, args.overrides, check_inputs=True)
     import shutil
 
     import torch

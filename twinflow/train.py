@@ -6,11 +6,17 @@
 ``key.path=value`` overrides are parsed as YAML values and checked like the file (an unknown key is an
 error naming it). The launcher's ``--local_rank`` argument is accepted and ignored: the rank comes from
 the environment it also sets.
+
+Every rank checks the whole config, including the files it names (:meth:`TrainConfig.check_inputs`),
+before it builds anything. A problem the user can fix (a bad key, a missing file or cache, a cache built
+with other settings, an unusable checkpoint) ends every rank with exit code 2 and ONE line, printed by
+rank 0 only; ``TWINFLOW_TRACEBACK=1`` shows the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Optional
 
@@ -25,21 +31,49 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+EXIT_USER_ERROR = 2
+"""A problem with the config or the files it names."""
+EXIT_RUN_FAILED = 1
+"""The run started and then failed (e.g. too many non-finite steps, a checkpoint refused)."""
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from twinflow.data.stats import DataError
+    from twinflow.training.checkpoint import CheckpointError
+
+    return ConfigError, DataError, CheckpointError
+
+
+def _report(error: Exception, code: int) -> int:
+    """One line on rank 0 (every rank gets the same error; the launcher passes the exit code on)."""
+    if os.environ.get("TWINFLOW_TRACEBACK") == "1":
+        raise error
+    if int(os.environ.get("RANK", "0")) == 0:
+        message = " ".join(str(error).split())
+        kind = "" if isinstance(error, ConfigError) else f"{type(error).__name__}: "
+        print(f"twinflow train: error: {kind}{message}", file=sys.stderr, flush=True)
+    return code
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from twinflow.training.config import load_train_config
 
     try:
-        config = load_train_config(args.config, args.overrides)
+        config = load_train_config(args.config, args.overrides, check_inputs=True)
     except ConfigError as e:
-        print(f"configuration error: {e}", file=sys.stderr)
-        return 2
-    from twinflow.training.trainer import Trainer
+        return _report(e, EXIT_USER_ERROR)
+    from twinflow.training.trainer import NonFiniteTrainingError, Trainer
 
-    trainer = Trainer(config)
+    try:
+        trainer = Trainer(config)
+    except _user_errors() as e:
+        return _report(e, EXIT_USER_ERROR)
     try:
         trainer.train()
+    except (*_user_errors(), NonFiniteTrainingError) as e:
+        return _report(e, EXIT_RUN_FAILED)
     finally:
         trainer.close()
     return 0

@@ -89,6 +89,7 @@ def test_parquet_bad_rows_are_skipped_and_counted(tmp_path: Path) -> None:
         "missing_image": 1,
         "not_an_image": 2,
         "corrupt_image": 1,
+        "image_too_large": 0,
         "unsupported_file": 0,
         "missing_reference": 0,
         "corrupt_reference": 0,
@@ -231,3 +232,48 @@ def test_data_config_is_validated() -> None:
         from_dict(DataConfig, {"source": "parquet", "paths": ["x"], "use_cache": True})
     with pytest.raises(ConfigError, match="ref_suffix is for folder sources"):
         from_dict(DataConfig, {"source": "parquet", "paths": ["x"], "ref_suffix": "_ref"})
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` grey pixels but whose data holds one row: a
+    decoder that trusted it would allocate the whole image and then fail on the missing rows."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * (width + 1)))
+            + chunk(b"IEND", b""))
+
+
+def test_images_over_the_pixel_limit_are_refused_before_decoding_and_counted(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(2):
+        (root / f"ok{i}.png").write_bytes(image_bytes(i))
+        (root / f"ok{i}.txt").write_text(CAPTIONS[i])
+    # 10000 x 10000 = 100 MP: over the default limit (PIL only warns below 2x its own), and 400 MP:
+    # over PIL's hard limit. Neither has the pixel data its header declares, so decoding would fail:
+    # being counted as too large (not corrupt) shows the size was refused before any decoding.
+    (root / "bomb.png").write_bytes(_png_header_only(10_000, 10_000))
+    (root / "bomb.txt").write_text("a bomb")
+    (root / "huge.png").write_bytes(_png_header_only(20_000, 20_000))
+    (root / "huge.txt").write_text("a bigger bomb")
+    config = from_dict(DataConfig, {"source": "folder", "paths": [str(root)], "image_size": 32})
+    assert config.max_image_pixels == 89_478_485  # the documented default
+    dataset = FolderImageTextDataset(config)
+    loader = ResumableLoader(dataset, batch_size=2, shuffle=False)
+    assert next(iter(loader)).pixels.shape == (2, 3, 32, 32)
+    assert loader.stats.count(SkipReason.IMAGE_TOO_LARGE) == 2 and loader.stats.count(SkipReason.CORRUPT_IMAGE) == 0
+    assert "image_too_large: 2" in loader.stats.summary()
+
+    # The limit is configurable: a 48 x 40 image is refused under data.max_image_pixels=1000.
+    small = from_dict(DataConfig, {"source": "folder", "paths": [str(root)], "image_size": 32, "max_image_pixels": 1000})
+    dataset = FolderImageTextDataset(small)
+    skipped = next(item for item in map(dataset.__getitem__, range(len(dataset))) if item.key.endswith("ok0.png"))
+    assert isinstance(skipped, Skipped) and skipped.reason is SkipReason.IMAGE_TOO_LARGE
+    assert "1920 pixels is over data.max_image_pixels=1000" in skipped.detail
+    with pytest.raises(ConfigError, match="max_image_pixels must be >= 1"):
+        from_dict(DataConfig, {"source": "folder", "paths": ["x"], "max_image_pixels": 0})

@@ -14,7 +14,8 @@ and reuse gathered parameters across the whole step (the worst case for stale ga
    and an online forward right after the session equals a plain model with the online weights;
 4. the export (live, and offline from a checkpoint) round-trips through ``from_pretrained``;
 5. an injected non-finite loss skips the step (weights, optimizer, EMA, LR schedule untouched) and is
-   counted; ``max_consecutive_nonfinite`` in a row raise;
+   counted; ``max_consecutive_nonfinite`` in a row raise; a NaN in one rank's EMA shard makes every
+   rank refuse the save;
 6. LoRA: the ``ema`` adapter teacher matches a plain model, survives a checkpoint, and exports as a
    peft adapter and a merged transformer;
 7. ZeRO-3 all-gathers per optimizer step, DeepSpeed's per-forward trace against the trainer's per-step
@@ -316,6 +317,31 @@ def main() -> None:
     except NonFiniteTrainingError as e:
         results["nonfinite"]["raised"] = str(e)
     results["nonfinite"]["skipped_total"] = trainer.state.skipped_steps
+
+    # 5b: a NaN in ONE rank's EMA shard: every rank refuses the save (one all-reduce agrees), the
+    # rank that holds it names the tensor, and nothing is committed ('latest' keeps its checkpoint).
+    from twinflow.training.checkpoint import CheckpointError
+
+    checkpoints = out / "main" / "checkpoints"
+    latest_before = (checkpoints / "latest").read_text()
+    kept = trainer.teacher.ema[0].clone()
+    if rank == 1:
+        trainer.teacher.ema[0].view(-1)[0] = float("nan")
+    try:
+        trainer.save_checkpoint()
+        error = None
+    except CheckpointError as e:
+        error = str(e)
+    trainer.teacher.ema[0].copy_(kept)
+    errors = [None] * trainer.dist.world_size
+    dist.all_gather_object(errors, error)
+    dist.barrier()
+    results["nonfinite_save"] = {
+        "errors": errors,
+        "latest_unchanged": (checkpoints / "latest").read_text() == latest_before,
+        "entries": sorted(p.name for p in checkpoints.iterdir()),
+        "step": trainer.state.step,
+    }
     trainer.close()
 
     results["lora"] = lora_checks(out, rank)

@@ -165,3 +165,46 @@ def test_optimizer_state_of_deepspeed_cpu_adam_and_torch_adamw_round_trips_exact
     with pytest.raises(CheckpointError, match="'step' of sub-group 0 is int, this run's optimizer keeps Tensor"):
         restore_optimizer_state({"step": torch.tensor(0.0), "exp_avg": torch.zeros(7), "exp_avg_sq": torch.zeros(7),
                                  "ratio": 0.0}, 0, tensors, rank_data["optim"], torch.device("cpu"))
+
+
+@pytest.mark.parametrize("bad", ["teacher.ema.1", "master.0", "optim.0.exp_avg"])
+def test_nonfinite_tensors_are_never_committed(tmp_path, bad):
+    store = CheckpointStore(tmp_path, rank=0, world_size=1, keep_last=3)
+    good = {"master.0": torch.ones(5), "optim.0.exp_avg": torch.zeros(5), "teacher.ema.0": torch.ones(3),
+            "teacher.ema.1": torch.ones(3), "rng.torch_cpu": torch.get_rng_state()}
+    store.save(2, good, {}, {})
+    poisoned = {k: v.clone() for k, v in good.items()}
+    poisoned[bad][1] = float("nan") if bad.startswith("teacher") else float("inf")
+    with pytest.raises(CheckpointError, match=rf"step 4 refused: tensor '{bad}' on rank 0 holds NaN or inf"):
+        store.save(4, poisoned, {}, {})
+    assert (tmp_path / "latest").read_text().strip() == "step_00000002"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000002"]  # nothing written
+
+
+KILL_IN_PRUNE = """
+import os, sys, torch
+from twinflow.training.checkpoint import CheckpointStore
+def die(step):
+    os._exit(44)
+store = CheckpointStore(sys.argv[1], rank=0, world_size=1, keep_last=1, fault_in_prune=die)
+for step in (2, 4):
+    store.save(step, {"master.0": torch.full((5,), float(step))}, {}, {})
+"""
+
+
+def test_kill_during_pruning_leaves_trash_that_the_next_start_removes(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**__import__("os").environ, "PYTHONPATH": str(repo)}
+    rc = subprocess.run([sys.executable, "-c", KILL_IN_PRUNE, str(tmp_path)], env=env, cwd=repo, timeout=120).returncode
+    assert rc == 44  # killed while pruning step 2, after step 4 was committed
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".trash-step_00000002", "latest", "step_00000004"]
+    store = CheckpointStore(tmp_path, rank=0, world_size=1, keep_last=1)
+    assert store.latest() == tmp_path / "step_00000004"  # the trash is never mistaken for a checkpoint
+    (tmp_path / ".tmp-step_00000006").mkdir()  # and a save's leftover
+    assert CheckpointStore(tmp_path, rank=1, world_size=2, keep_last=1).sweep_leftovers() == []  # rank 0's job
+    assert store.sweep_leftovers() == [".tmp-step_00000006", ".trash-step_00000002"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000004"]

@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 from twinflow.data.loader import ResumableLoader
@@ -82,7 +83,10 @@ def test_deepspeed_config_offloaded_optimizer_is_deepspeed_cpu_adam_on_every_mac
     ],
 )
 def test_deepspeed_extra_cannot_override_owned_keys(extra, match):
-    config = load_train_config(TINY, [f"deepspeed.extra={extra}"])
+    with pytest.raises(ConfigError, match=match):  # when the config is loaded, before any rank starts
+        load_train_config(TINY, [f"deepspeed.extra={extra}"])
+    config = load_train_config(TINY)
+    config.deepspeed.extra = yaml.safe_load(extra)  # and for a config edited in code
     with pytest.raises(ConfigError, match=match):
         build_deepspeed_config(config, world_size=1, on_cpu=True)
 

@@ -6,9 +6,12 @@ for the rank-0 failure test):
 * ``worker``: ``dist_worker.py`` runs the in-process checks (loss, EMA shards, teacher session,
   export, non-finite steps), a straight 6-step run of ``configs/tiny_cpu.yaml``, and then the same
   run again in another folder, which dies during its save at step 4;
-* ``chain``: two launches of ``python -m twinflow.train`` continue that folder: one resumes from
-  step 2 and has rank 1 killed after step 5, the last resumes from step 4 and finishes. Every step's
-  loss and the final checkpoint must equal the straight run's.
+* ``chain``: launches of ``python -m twinflow.train`` continue that folder: one resumes from step 2
+  and has rank 1 killed after step 5, the next resumes from step 4 and finishes, but is killed while
+  pruning step 2 after committing step 6; the last one starts, finds nothing left to train and must
+  sweep that leftover. Every step's loss and the final checkpoint must equal the straight run's.
+
+Plus one short launch with a bad setting: one error line, printed once, exit code 2 from the launcher.
 
 The chain runs ``configs/tiny_cpu.yaml``, which offloads the optimizer: DeepSpeedCPUAdam, the optimizer
 class of a GPU run (its ``state['step']`` is a Python int). The in-process checks use torch's AdamW.
@@ -77,7 +80,7 @@ def _latest(run: Path) -> str:
 @pytest.fixture(scope="module")
 def chain(worker) -> dict:
     """The crash / kill / resume chain on ``<worker>/chain``: (1) died in the save at step 4 (worker
-    launch), (2) resumed from step 2, rank 1 killed after step 5, (3) resumed from step 4, finished."""
+    launch), (2) resumed from step 2, rank 1 killed after step 5, (3) resumed from step 4, finished, killed while pruning step 2, (4) started with nothing to train."""
     out = worker[1]
     run = out / "chain"
     facts: dict = {"run": run}
@@ -90,9 +93,12 @@ def chain(worker) -> dict:
 
     store = [CheckpointStore(run / "checkpoints", r, 2, keep_last=2) for r in range(2)]
     facts["kill"]["loaded_steps"] = [s.load(s.latest())[0]["step"] for s in store]
-    rc = launch(base, out / "finish.log")
-    assert rc == 0, _tail(out / "finish.log")
-    facts["finish"] = {"latest": _latest(run)}
+    rc = launch(base + ["faults.crash_in_prune_at_step=6"], out / "finish.log")
+    assert rc == SAVE_CRASH_EXIT_STATUS, _tail(out / "finish.log")
+    facts["finish"] = {"latest": _latest(run), "entries": sorted(p.name for p in (run / "checkpoints").iterdir())}
+    rc = launch(base, out / "next.log")
+    assert rc == 0, _tail(out / "next.log")
+    facts["next"] = {"latest": _latest(run), "entries": sorted(p.name for p in (run / "checkpoints").iterdir())}
     return facts
 
 
@@ -199,6 +205,36 @@ def test_killed_rank_leaves_the_last_checkpoint_loadable(chain):
     # The next save cleaned the interrupted one up; keep_last=2 pruned step 2 only after step 4 existed.
     assert not any(e.startswith(".tmp") for e in kill["entries"])
     assert "step_00000002" in kill["entries"] and "step_00000004" in kill["entries"]
+
+
+def test_kill_during_pruning_leaves_no_leftovers_after_the_next_run(chain):
+    # Killed while pruning: step 6 is committed and 'latest'; step 2 sits in the trash.
+    assert chain["finish"]["latest"] == "step_00000006"
+    assert ".trash-step_00000002" in chain["finish"]["entries"]
+    assert "step_00000002" not in chain["finish"]["entries"]
+    # The next run (nothing left to train, so it saves nothing) swept it at start.
+    assert chain["next"]["latest"] == "step_00000006"
+    assert chain["next"]["entries"] == ["latest", "step_00000004", "step_00000006"]
+
+
+def test_a_nonfinite_ema_shard_on_one_rank_is_never_committed(worker):
+    facts = worker[0]["nonfinite_save"]
+    step = facts["step"]
+    # Both ranks refuse, and both name the tensor and the rank that holds it (rank 0 prints the line).
+    assert facts["errors"] == [f"checkpoint of step {step} refused: tensor 'teacher.tensors.ema.0' on rank 1 holds "
+                               "NaN or inf; nothing was written and 'latest' is unchanged"] * 2
+    assert facts["latest_unchanged"]
+    assert f"step_{step:08d}" not in facts["entries"] and not any(e.startswith(".tmp") for e in facts["entries"])
+
+
+def test_a_bad_setting_under_the_launcher_is_one_line_printed_once_with_exit_code_2(tmp_path):
+    log = tmp_path / "bad.log"
+    rc = launch(["--module", "twinflow.train", "--config", str(CONFIG), "train.resume=/nonexistent/ckpt"], log)
+    text = log.read_text()
+    assert rc == 2, _tail(log)
+    line = "twinflow train: error: config key 'train.resume': /nonexistent/ckpt does not exist"
+    assert text.count(line) == 1, _tail(log)
+    assert "Traceback" not in text
 
 
 def _losses(metrics: Path) -> dict[int, list[float]]:

@@ -57,8 +57,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 # ---------------------------------------------------------------------------------------------- identity
-def cache_fingerprint(data: DataConfig, encoder: "EncoderConfig") -> dict[str, Any]:
-    """Every setting that changes what the cache holds (paths made absolute)."""
+def data_fingerprint(data: DataConfig) -> dict[str, Any]:
+    """The settings of the ``data`` section that change what a cache holds (paths made absolute): the
+    part of :func:`cache_fingerprint` a training config can check, having no encoder section."""
     return {
         "source": data.source,
         "paths": [str(Path(p).resolve()) for p in data.paths],
@@ -70,6 +71,13 @@ def cache_fingerprint(data: DataConfig, encoder: "EncoderConfig") -> dict[str, A
         "image_extensions": list(data.image_extensions),
         "caption_extension": data.caption_extension,
         "cache_dtype": data.cache_dtype,
+    }
+
+
+def cache_fingerprint(data: DataConfig, encoder: "EncoderConfig") -> dict[str, Any]:
+    """Every setting that changes what the cache holds (paths made absolute)."""
+    return {
+        **data_fingerprint(data),
         "model_path": str(Path(encoder.model_path).resolve()),
         "variant": encoder.variant,
         "max_sequence_length": encoder.max_sequence_length,
@@ -77,6 +85,16 @@ def cache_fingerprint(data: DataConfig, encoder: "EncoderConfig") -> dict[str, A
         "text_encoder_dtype": encoder.text_encoder_dtype,
         "vae_dtype": encoder.vae_dtype,
     }
+
+
+def check_fingerprint(manifest: dict[str, Any], expected: dict[str, Any], cache_dir: str | Path) -> None:
+    """:class:`DataError` naming every setting of ``expected`` that the cache's manifest records otherwise
+    (a setting the cache does not record counts as different; settings ``expected`` omits are not compared)."""
+    found = manifest["fingerprint"]
+    differ = sorted(k for k in expected if found.get(k) != expected[k])
+    if differ:
+        details = "; ".join(f"{k}: cache has {found.get(k)!r}, config has {expected[k]!r}" for k in differ)
+        raise DataError(f"cache {cache_dir} was built with other settings ({details}); rebuild it")
 
 
 def fingerprint_hash(fingerprint: dict[str, Any]) -> str:
@@ -258,8 +276,9 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
 class CachedDataset(torch.utils.data.Dataset):
     """Items of a complete cache; ``collate`` makes :class:`TrainBatch` es with both conditions.
 
-    ``expected_fingerprint`` (see :func:`cache_fingerprint`) guards against training on a cache built
-    from other data or models: any difference raises :class:`DataError` naming the settings.
+    ``expected_fingerprint`` (see :func:`cache_fingerprint`, or :func:`data_fingerprint` for the data
+    settings alone) guards against training on a cache built from other data or models: any difference
+    in the settings it names raises :class:`DataError` naming them.
     Tensors come back in the cache's storage dtype, on the CPU.
     """
 
@@ -288,11 +307,7 @@ class CachedDataset(torch.utils.data.Dataset):
         self._owner_pid = os.getpid()
 
     def _check_fingerprint(self, expected: dict[str, Any]) -> None:
-        found = self.manifest["fingerprint"]
-        differ = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
-        if differ:
-            details = "; ".join(f"{k}: cache has {found.get(k)!r}, config has {expected.get(k)!r}" for k in differ)
-            raise DataError(f"cache {self.cache_dir} was built with other settings ({details}); rebuild it")
+        check_fingerprint(self.manifest, expected, self.cache_dir)
 
     @property
     def uncond_per_item(self) -> bool:

@@ -23,7 +23,11 @@ class DataConfig:
     Edit data: a reference image per item, from ``ref_image_column`` (parquet) or, for folders, the file
     ``<stem><ref_suffix>.<image extension>`` beside the target image.
 
-    Images are resized so the shorter side is ``image_size`` and center-cropped to a square.
+    Images are resized so the shorter side is ``image_size`` and center-cropped to a square. An image
+    with more than ``max_image_pixels`` pixels (width x height as its header declares; default
+    89,478,485, PIL's own warning threshold, about 9459 x 9459) is refused before it is decoded and
+    counted as ``image_too_large``: a small compressed file can otherwise decode to gigabytes. PIL
+    itself refuses images over twice its threshold (about 179 MP) whatever this limit says.
     Training reads the latent/text cache in ``cache_dir`` when ``use_cache`` is true
     (``python -m twinflow.data.precompute`` builds it); ``cache_dtype`` is its storage precision.
     ``seed`` and ``shuffle`` define the sampling order; ``num_workers`` DataLoader worker processes
@@ -45,12 +49,15 @@ class DataConfig:
     seed: int = 0
     shuffle: bool = True
     num_workers: int = 0
+    max_image_pixels: int = 89_478_485
 
     def __post_init__(self) -> None:
         if not self.paths:
             raise ValueError("paths must name at least one file or folder")
         if self.image_size <= 0 or self.image_size % IMAGE_MULTIPLE:
             raise ValueError(f"image_size must be a positive multiple of {IMAGE_MULTIPLE}, got {self.image_size}")
+        if self.max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels must be >= 1, got {self.max_image_pixels}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.use_cache and not self.cache_dir:

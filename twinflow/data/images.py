@@ -22,29 +22,41 @@ class ImageDecodeError(ValueError):
         self.reason = reason
 
 
-def decode_image(data: bytes) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
     """Decode encoded image bytes to an upright RGB image, fully loaded.
 
-    Raises :class:`ImageDecodeError`: NOT_AN_IMAGE when PIL recognises no format, CORRUPT_IMAGE when a
-    recognised file fails to decode (truncated, bad data, a decompression bomb).
+    ``max_pixels`` (``data.max_image_pixels``): an image whose header declares more pixels is refused
+    before any pixel is decoded (a decompression bomb: a small file that decodes to gigabytes).
+
+    Raises :class:`ImageDecodeError`: NOT_AN_IMAGE when PIL recognises no format, IMAGE_TOO_LARGE over
+    the limit (or over PIL's own bomb limit), CORRUPT_IMAGE when a recognised file fails to decode.
     """
-    try:
-        image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError as e:
-        raise ImageDecodeError(SkipReason.NOT_AN_IMAGE, "not a recognised image format") from e
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageDecodeError(SkipReason.CORRUPT_IMAGE, f"cannot open: {e}") from e
-    try:
-        with warnings.catch_warnings():
-            # Oversized images are an error here (DecompressionBombError), not a warning.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+    with warnings.catch_warnings():
+        # Opening reads only the header. PIL warns (DecompressionBombWarning) from the declared size
+        # and raises DecompressionBombError over twice its own limit; ``max_pixels`` decides below.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError as e:
+            raise ImageDecodeError(SkipReason.NOT_AN_IMAGE, "not a recognised image format") from e
+        except Image.DecompressionBombError as e:
+            raise ImageDecodeError(SkipReason.IMAGE_TOO_LARGE, f"refused before decoding: {e}") from e
+        except (OSError, ValueError) as e:
+            raise ImageDecodeError(SkipReason.CORRUPT_IMAGE, f"cannot open: {e}") from e
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageDecodeError(
+                SkipReason.IMAGE_TOO_LARGE,
+                f"{width}x{height} = {width * height} pixels is over data.max_image_pixels={max_pixels}; refused before decoding",
+            )
+        try:
             image.load()
             image = ImageOps.exif_transpose(image)
             return image.convert("RGB")
-    # PIL's decoders report broken data with several exception types (OSError for truncation,
-    # SyntaxError / struct errors from format parsers, ...); any of them means this one file is unusable.
-    except Exception as e:  # noqa: BLE001
-        raise ImageDecodeError(SkipReason.CORRUPT_IMAGE, f"cannot decode: {type(e).__name__}: {e}") from e
+        # PIL's decoders report broken data with several exception types (OSError for truncation,
+        # SyntaxError / struct errors from format parsers, ...); any of them means this one file is unusable.
+        except Exception as e:  # noqa: BLE001
+            raise ImageDecodeError(SkipReason.CORRUPT_IMAGE, f"cannot decode: {type(e).__name__}: {e}") from e
 
 
 def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
@@ -64,6 +76,6 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
-def load_image_tensor(data: bytes, size: int) -> torch.Tensor:
-    """Encoded bytes -> (3, size, size) in [-1, 1]; raises :class:`ImageDecodeError`."""
-    return image_to_tensor(resize_center_crop(decode_image(data), size))
+def load_image_tensor(data: bytes, size: int, max_pixels: int | None = None) -> torch.Tensor:
+    """Encoded bytes -> (3, size, size) in [-1, 1]; raises :class:`ImageDecodeError` (see :func:`decode_image`)."""
+    return image_to_tensor(resize_center_crop(decode_image(data, max_pixels), size))

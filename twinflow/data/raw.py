@@ -60,11 +60,11 @@ class RawImageTextDataset(torch.utils.data.Dataset):
             raise DataError(f"no usable item in {where}; {self.scan_stats.summary()}")
 
     def _decode(self, index: int, key: str, caption: str, image: bytes | None, ref: bytes | None) -> RawSample | Skipped:
-        size = self.config.image_size
+        size, limit = self.config.image_size, self.config.max_image_pixels
         if image is None:
             return Skipped(index, key, SkipReason.MISSING_IMAGE)
         try:
-            pixels = load_image_tensor(image, size)
+            pixels = load_image_tensor(image, size, limit)
         except ImageDecodeError as e:
             return Skipped(index, key, e.reason, str(e))
         ref_pixels = None
@@ -72,9 +72,10 @@ class RawImageTextDataset(torch.utils.data.Dataset):
             if ref is None:
                 return Skipped(index, key, SkipReason.MISSING_REFERENCE)
             try:
-                ref_pixels = load_image_tensor(ref, size)
+                ref_pixels = load_image_tensor(ref, size, limit)
             except ImageDecodeError as e:
-                return Skipped(index, key, SkipReason.CORRUPT_REFERENCE, str(e))
+                reason = e.reason if e.reason is SkipReason.IMAGE_TOO_LARGE else SkipReason.CORRUPT_REFERENCE
+                return Skipped(index, key, reason, f"reference: {e}")
         return RawSample(index, key, caption, pixels, ref_pixels)
 
     @staticmethod

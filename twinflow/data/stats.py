@@ -18,6 +18,7 @@ class SkipReason(str, Enum):
     MISSING_IMAGE = "missing_image"  # null image bytes / a caption file with no image beside it
     NOT_AN_IMAGE = "not_an_image"  # bytes or file in no image format PIL recognises
     CORRUPT_IMAGE = "corrupt_image"  # a recognised image format that fails to decode
+    IMAGE_TOO_LARGE = "image_too_large"  # more pixels than data.max_image_pixels (refused before decoding)
     UNSUPPORTED_FILE = "unsupported_file"  # folder source: neither an image nor a caption file
     MISSING_REFERENCE = "missing_reference"  # edit data without its reference image
     CORRUPT_REFERENCE = "corrupt_reference"  # reference image that fails to decode
@@ -44,6 +45,15 @@ class DataStats:
     def __init__(self, max_examples: int = 5) -> None:
         self.max_examples = max_examples
         self._records: dict[tuple[SkipReason, str], str] = {}
+        self._carried: dict[SkipReason, int] = {}
+
+    def carry(self, counts: dict[str, int]) -> None:
+        """Add counts made elsewhere, by reason name (e.g. a cache manifest's ``skipped``: what its
+        precompute skipped), so a run on that cache reports them. Unknown reasons are ignored."""
+        known = {reason.value: reason for reason in SkipReason}
+        for name, n in counts.items():
+            if name in known and n:
+                self._carried[known[name]] = self._carried.get(known[name], 0) + int(n)
 
     def record(self, reason: SkipReason, key: str, detail: str = "") -> None:
         """Count ``key`` under ``reason`` unless it was already counted."""
@@ -59,10 +69,10 @@ class DataStats:
 
     @property
     def total(self) -> int:
-        return len(self._records)
+        return len(self._records) + sum(self._carried.values())
 
     def count(self, reason: SkipReason) -> int:
-        return sum(1 for r, _ in self._records if r is reason)
+        return sum(1 for r, _ in self._records if r is reason) + self._carried.get(reason, 0)
 
     def as_dict(self) -> dict[str, int]:
         """Counts per reason (every reason present, zeros included), for logging."""
@@ -74,10 +84,10 @@ class DataStats:
         return found[: self.max_examples]
 
     def summary(self) -> str:
-        if not self._records:
+        if not self.total:
             return "no item skipped"
         parts = [
-            f"{reason.value}: {self.count(reason)} (e.g. {', '.join(self.examples(reason))})"
+            f"{reason.value}: {self.count(reason)}" + (f" (e.g. {', '.join(ex)})" if (ex := self.examples(reason)) else "")
             for reason in SkipReason
             if self.count(reason)
         ]

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from twinflow.backbones.qwen_image.encoders import QwenImageConditioner
 from twinflow.backbones.qwen_image.tiny_encoders import save_tiny_model_folder
 from twinflow.data.batch import TrainBatch
-from twinflow.data.cache import MANIFEST_NAME, CacheWriter
+from twinflow.data.cache import MANIFEST_NAME, CacheWriter, data_fingerprint
 from twinflow.data.config import DataConfig
 from twinflow.data.latent_codec import LatentCodec, pixel_fold_name
 from twinflow.data.loader import iter_batches_in_order
@@ -78,11 +78,11 @@ def build_cache(model_dir: Path, data_dir: Path, cache_dir: Path, image_size: in
             batch = TrainBatch(pixels_to_latents(raw.pixels), cond, uncond, raw.indices, raw.keys)
             writer.add(batch, store_uncond_per_item=False)
         writer.set_unconditional(conditioner.encode_unconditional(1))
+    # The data settings as the trainer checks them (data_fingerprint), plus what the demo's codec adds.
     fingerprint = {
-        "source": "twinflow.demo.shapes",
-        "data_dir": str(data_dir.resolve()),
+        **data_fingerprint(data),
+        "dataset": "twinflow.demo.shapes",
         "model_path": str(model_dir.resolve()),
-        "image_size": image_size,
         "latent_codec": LATENT_CODEC,
         "negative_prompt": conditioner.negative_prompt,
     }
@@ -93,7 +93,8 @@ def prepare_inputs(root: Path, num_items: int, image_size: int, seed: int = 0) -
     """Create (or reuse, when a previous run completed them with the same settings) the demo inputs."""
     root = Path(root)
     inputs = DemoInputs(root / "models" / "conditioner", root / "data" / "shapes", root / "data" / "cache")
-    settings = {"num_items": num_items, "image_size": image_size, "seed": seed, "latent_codec": LATENT_CODEC}
+    settings = {"num_items": num_items, "image_size": image_size, "seed": seed, "latent_codec": LATENT_CODEC,
+                "cache_fingerprint": 2}  # 2: the fingerprint holds the data settings the trainer checks
     marker = root / "data" / DONE_MARKER
     if marker.is_file() and json.loads(marker.read_text()) == settings and (inputs.cache_dir / MANIFEST_NAME).is_file():
         return inputs

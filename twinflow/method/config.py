@@ -74,7 +74,13 @@ _DEFAULTS = {
 
 @dataclass
 class TwinFlowConfig:
-    """Hyper-parameters of one TwinFlow training step. Unset keys come from ``preset``."""
+    """Hyper-parameters of one TwinFlow training step. Unset keys come from ``preset``.
+
+    Ranges (checked when the config is loaded; every number must also be finite): ``consistc_ratio``
+    and ``ema_decay_rate`` in [0, 1]; ``enhanced_ratio`` (a guidance scale) and ``dist_match_cof`` >= 0;
+    ``enhanced_range`` a time interval ``[low, high]`` inside [0, 1]; ``estimate_order`` >= 0; ``time_dist_ctrl``
+    ``[a, b, s]`` with a, b > 0 and 0 < s <= 1; ``rcgm_delta`` in (0, 1).
+    """
 
     preset: Literal["twinflow", "rcgm_theory", "rcgm_practice", "flow_matching", "lora_1order"] = "twinflow"
     consistc_ratio: Optional[float] = None
@@ -106,6 +112,10 @@ class TwinFlowConfig:
     def _validate(self) -> None:
         if not 0.0 <= self.consistc_ratio <= 1.0:
             raise ValueError(f"consistc_ratio must lie in [0, 1], got {self.consistc_ratio}")
+        if not self.enhanced_ratio >= 0.0:
+            raise ValueError(f"enhanced_ratio must be >= 0, got {self.enhanced_ratio}")
+        if not self.dist_match_cof >= 0.0:
+            raise ValueError(f"dist_match_cof must be >= 0, got {self.dist_match_cof}")
         if not 0.0 <= self.ema_decay_rate <= 1.0:
             raise ValueError(f"ema_decay_rate must lie in [0, 1], got {self.ema_decay_rate}")
         if self.estimate_order < 0:
@@ -114,8 +124,10 @@ class TwinFlowConfig:
         if a <= 0 or b <= 0 or not 0 < s <= 1:
             raise ValueError(f"time_dist_ctrl [a, b, s] needs a, b > 0 and 0 < s <= 1, got {list(self.time_dist_ctrl)}")
         r0, r1 = self.enhanced_range
-        if r0 > r1:
-            raise ValueError(f"enhanced_range must be [low, high] with low <= high, got {list(self.enhanced_range)}")
+        if not 0.0 <= r0 <= r1 <= 1.0:
+            raise ValueError(
+                f"enhanced_range must be a time interval [low, high] with 0 <= low <= high <= 1, got {list(self.enhanced_range)}"
+            )
         if not 0 < self.rcgm_delta < 1:
             raise ValueError(f"rcgm_delta must lie in (0, 1), got {self.rcgm_delta}")
 

@@ -20,10 +20,16 @@ Atomic protocol (:meth:`CheckpointStore.save`): every rank writes and fsyncs its
 renames it to ``step_XXXXXXXX`` and fsyncs the parent, then replaces ``latest`` (temp file, fsync, ``os.replace``), and
 only then prunes checkpoints beyond ``keep_last`` (renamed away first, then deleted, so a crash while
 pruning never leaves a partial checkpoint that looks complete). A crash at any point leaves the
-previous checkpoint and ``latest`` intact; leftovers of an interrupted save are removed by the next
-one. An error in any step on any rank fails every rank with its message (see
+previous checkpoint and ``latest`` intact; the leftovers of an interrupted save or prune (``.tmp-*``,
+``.trash-*``) are removed at the next start and by the next save (:func:`sweep_leftovers`). An error in
+any step on any rank fails every rank with its message (see
 :class:`~twinflow.training.distributed.all_ranks_agree`). Multi-node runs need ``output_dir`` on a shared
 file system.
+
+Nothing non-finite is committed: before a save writes anything, every rank checks its tensors (master
+weights, optimizer state, EMA) and one all-reduce agrees on the answer; if any rank holds a NaN or
+inf, every rank refuses the save with :class:`CheckpointError` naming the first bad tensor and its
+rank, so ``latest`` keeps naming the last good checkpoint (:func:`refuse_nonfinite`).
 
 Loading checks the format, that the world size matches (partitions are per rank), and that every
 file has the byte size ``meta.json`` recorded, so a truncated file is an error naming it.
@@ -43,13 +49,15 @@ from safetensors.torch import load_file, save_file
 
 from twinflow.utils.atomic_files import atomic_write_text, fsync_path, write_json_durable
 
-from .distributed import all_ranks_agree
+from .distributed import all_ranks_agree, any_rank
 
 FORMAT = "twinflow-zero3-checkpoint"
 VERSION = 1
 META = "meta.json"
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+LEFTOVER_PREFIXES = (".tmp-", ".trash-")
+"""Folders of an interrupted save (``.tmp-step_N``) or prune (``.trash-step_N``)."""
 
 
 class CheckpointError(RuntimeError):
@@ -181,24 +189,75 @@ def load_zero3_partition_state(optimizer: Any, tensors: dict[str, torch.Tensor],
     optimizer.empty_partition_cache()
 
 
+# ------------------------------------------------------------------------------- what may be committed
+def first_nonfinite(tensors: dict[str, torch.Tensor]) -> Optional[str]:
+    """The name of the first floating-point tensor (in key order) holding a NaN or inf, else None."""
+    for key in sorted(tensors):
+        t = tensors[key]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return key
+    return None
+
+
+def refuse_nonfinite(tensors: dict[str, torch.Tensor], step: int) -> None:
+    """Collective: :class:`CheckpointError` on every rank if any rank's ``tensors`` hold a NaN or inf.
+
+    One all-reduce of a flag agrees on the answer; only when it is yes are the ranks' findings gathered,
+    so every rank's error (and the one line rank 0 prints) names the tensor and the rank holding it."""
+    import torch.distributed as dist
+
+    bad = first_nonfinite(tensors)
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    nccl = distributed and dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    if not any_rank(bad is not None, device):
+        return
+    found = [bad]
+    if distributed:
+        found = [None] * dist.get_world_size()
+        dist.all_gather_object(found, bad)
+    rank, name = next((r, n) for r, n in enumerate(found) if n is not None)
+    raise CheckpointError(f"checkpoint of step {step} refused: tensor {name!r} on rank {rank} holds NaN or inf; "
+                          "nothing was written and 'latest' is unchanged")
+
+
+def sweep_leftovers(root: Path) -> list[str]:
+    """Delete what interrupted saves and prunes left under ``root`` (see :data:`LEFTOVER_PREFIXES`)."""
+    if not root.is_dir():
+        return []
+    removed = []
+    for path in sorted(root.iterdir()):
+        if path.name.startswith(LEFTOVER_PREFIXES) and path.is_dir():
+            shutil.rmtree(path)
+            removed.append(path.name)
+    return removed
+
+
 # ----------------------------------------------------------------------------------------------- store
 class CheckpointStore:
     """Writes and finds checkpoints under ``root`` with the atomic protocol of the module docstring.
 
     Test hooks, called with the step: ``fault_after_rank_files`` after this rank's files are written (it
     may exit the process to simulate a crash in the middle of a save); ``fault_in_commit`` on rank 0 at
-    the start of the commit (it may raise, as a full disk would).
+    the start of the commit (it may raise, as a full disk would); ``fault_in_prune`` on rank 0 after a
+    pruned checkpoint was moved to the trash and before it is deleted.
     """
 
     def __init__(self, root: str | Path, rank: int, world_size: int, keep_last: int,
                  fault_after_rank_files: Optional[Callable[[int], None]] = None,
-                 fault_in_commit: Optional[Callable[[int], None]] = None):
+                 fault_in_commit: Optional[Callable[[int], None]] = None,
+                 fault_in_prune: Optional[Callable[[int], None]] = None):
         self.root = Path(root)
         self.rank = rank
         self.world_size = world_size
         self.keep_last = keep_last
         self._fault = fault_after_rank_files
         self._commit_fault = fault_in_commit
+        self._prune_fault = fault_in_prune
+
+    def sweep_leftovers(self) -> list[str]:
+        """Rank 0: delete the leftovers of interrupted saves and prunes (run at start and by every save)."""
+        return sweep_leftovers(self.root) if self.rank == 0 else []
 
     def complete_checkpoints(self) -> list[Path]:
         """Complete checkpoint folders (those with ``meta.json``), oldest first."""
@@ -221,6 +280,7 @@ class CheckpointStore:
 
     def save(self, step: int, tensors: dict[str, torch.Tensor], rank_data: dict[str, Any], meta: dict[str, Any]) -> Path:
         """Collective: every rank calls it with its own ``tensors``/``rank_data``; ``meta`` is used on rank 0."""
+        refuse_nonfinite(tensors, step)
         name = step_dir_name(step)
         tmp = self.root / f".tmp-{name}"
         # Each section ends with the ranks agreeing on success: a failure on any rank (a full disk, a
@@ -228,8 +288,7 @@ class CheckpointStore:
         with all_ranks_agree(f"checkpoint save: preparing {tmp}"):
             if self.rank == 0:
                 self.root.mkdir(parents=True, exist_ok=True)
-                for stale in self.root.glob(".tmp-*"):
-                    shutil.rmtree(stale)
+                self.sweep_leftovers()
                 tmp.mkdir()
         with all_ranks_agree(f"checkpoint save: writing the rank files into {tmp}"):
             stem = f"rank-{self.rank:05d}"
@@ -261,20 +320,23 @@ class CheckpointStore:
         os.rename(tmp, final)
         fsync_path(self.root)
         atomic_write_text(self.root / LATEST, final.name + "\n")
-        self._prune(keep=final)
+        self._prune(keep=final, step=step)
 
-    def _discard(self, path: Path) -> None:
+    def _discard(self, path: Path, on_trashed: Optional[Callable[[], None]] = None) -> None:
         trash = self.root / f".trash-{path.name}"
         if trash.exists():
             shutil.rmtree(trash)
         os.rename(path, trash)
+        if on_trashed is not None:
+            on_trashed()
         shutil.rmtree(trash)
 
-    def _prune(self, keep: Path) -> None:
+    def _prune(self, keep: Path, step: int) -> None:
         complete = [p for p in self.complete_checkpoints() if p != keep]
         excess = len(complete) + 1 - self.keep_last
+        fault = self._prune_fault
         for old in complete[: max(excess, 0)]:
-            self._discard(old)
+            self._discard(old, None if fault is None else lambda: fault(step))
 
     def load(self, path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
         """``(meta, this rank's tensors, this rank's JSON data)`` of a complete checkpoint."""

@@ -49,7 +49,8 @@ class OptimConfig:
     ``schedule``: after ``warmup_steps`` of linear warmup from 0, the rate stays at ``lr`` (constant),
     falls linearly to ``min_lr_ratio * lr`` at ``train.max_steps`` (linear), or follows a half cosine to
     the same floor (cosine). ``max_grad_norm <= 0`` turns clipping off. One optimizer step consumes
-    ``gradient_accumulation_steps`` micro batches per rank.
+    ``gradient_accumulation_steps`` micro batches per rank. Every number must be finite (the loader's
+    rule); ``lr`` and ``eps`` > 0, ``betas`` in [0, 1), ``weight_decay`` >= 0, ``min_lr_ratio`` in [0, 1].
     """
 
     lr: float = 1e-4
@@ -117,6 +118,40 @@ class RunConfig:
             raise ConfigError("config key 'train.resume' must be 'auto', 'none' or a checkpoint directory")
 
 
+OWNED_KEYS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "optimizer",
+    "scheduler",
+    "bf16",
+    "fp16",
+)
+"""Top-level DeepSpeed keys derived from the typed config; ``deepspeed.extra`` may not set them."""
+
+OWNED_ZERO_KEYS = ("stage", "offload_optimizer", "offload_param")
+
+
+def check_deepspeed_extra(extra: dict[str, Any]) -> None:
+    """Refuse ``deepspeed.extra`` settings the trainer owns or does not support, naming them."""
+    owned = sorted(k for k in extra if k in OWNED_KEYS)
+    zero = extra.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError("config key 'deepspeed.extra.zero_optimization' must be a mapping")
+    owned += sorted(f"zero_optimization.{k}" for k in zero if k in OWNED_ZERO_KEYS)
+    if owned:
+        raise ConfigError(
+            f"config key(s) {', '.join(f'deepspeed.extra.{k}' for k in owned)} are derived from the typed "
+            "config (optim.*, train.micro_batch_size, deepspeed.zero_stage/bf16/offload_*); set those instead"
+        )
+    if zero.get("zero_hpz_partition_size", 1) != 1:
+        raise ConfigError(
+            "config key 'deepspeed.extra.zero_optimization.zero_hpz_partition_size': hpZ secondary partitions "
+            "are not supported (the shard EMA swaps the primary partition only)"
+        )
+
+
 @dataclass
 class DeepSpeedSection:
     """DeepSpeed settings the trainer turns into a DeepSpeed config (see ``deepspeed_config.py``).
@@ -143,6 +178,7 @@ class DeepSpeedSection:
                 f"config key 'deepspeed.zero_stage' must be 3 (got {self.zero_stage}): the trainer's EMA shards and "
                 "checkpoints work on ZeRO-3 partitions; a single rank runs ZeRO-3 as well"
             )
+        check_deepspeed_extra(self.extra)
 
 
 @dataclass
@@ -151,7 +187,8 @@ class SamplingSection:
 
     ``presets`` name :data:`twinflow.sampling.config.SAMPLER_PRESETS` entries; the default covers 1, 2,
     4 and 30 NFE. ``height``/``width`` are in pixels (the latent is 8x smaller). ``seed`` fixes the noise
-    so grids of different steps are comparable.
+    so grids of different steps are comparable. With ``train.sample_every > 0`` both lists must be
+    non-empty (checked by :class:`TrainConfig`).
     """
 
     prompts: list[str] = field(default_factory=lambda: ["a photo of a red cat sitting on a blue mat"])
@@ -181,6 +218,8 @@ class FaultConfig:
     * ``crash_in_save_at_step``: the save at that step exits abruptly after writing part of its files.
     * ``fail_commit_at_step``: rank 0 alone raises ``OSError`` in the commit of the save at that step (as
       a full disk would); every rank must then fail with its message instead of waiting.
+    * ``crash_in_prune_at_step``: the save at that step exits abruptly (rank 0) while pruning, after an
+      old checkpoint was moved to ``.trash-step_N`` and before it is deleted.
     """
 
     nonfinite_loss_steps: list[int] = field(default_factory=list)
@@ -188,6 +227,7 @@ class FaultConfig:
     kill_rank: int = 0
     crash_in_save_at_step: Optional[int] = None
     fail_commit_at_step: Optional[int] = None
+    crash_in_prune_at_step: Optional[int] = None
 
 
 @dataclass
@@ -212,6 +252,8 @@ class TrainConfig:
         self._check_edit()
         self._propagate_kernels()
         self._check_batch_split()
+        self._check_data_shapes()
+        self._check_sampling()
 
     def _check_precision(self) -> None:
         want = "bfloat16" if self.deepspeed.bf16 else "float32"
@@ -252,11 +294,98 @@ class TrainConfig:
                 f"least one sample per micro batch: {e}"
             ) from e
 
+    def _check_data_shapes(self) -> None:
+        """Synthetic data against an inline transformer (a cache is checked by :meth:`check_inputs`)."""
+        if self.data is not None and not self.data.use_cache:
+            raise ConfigError(
+                "config key 'data.use_cache' must be true: the trainer reads the latent/text cache "
+                "(build it with `python -m twinflow.data.precompute --config <config>`)"
+            )
+        if self.synthetic_data is not None and self.model.transformer is not None:
+            s = self.synthetic_data
+            self._check_shapes(self.model.transformer_settings(), s.latent_channels, s.latent_size, s.latent_size,
+                               s.text_dim, "synthetic_data.latent_channels", "synthetic_data.latent_size",
+                               "synthetic_data.text_dim")
+
+    def _check_shapes(self, model: dict[str, Any], channels: int, height: int, width: int, text_dim: int,
+                      channels_key: str, size_key: str, text_key: str) -> None:
+        want = self.model.latent_channels_of(model)
+        where = "model.transformer" if self.model.transformer is not None else f"model.pretrained ({self.model.pretrained})"
+        if channels != want:
+            raise ConfigError(
+                f"config key '{channels_key}' gives {channels} latent channels but {where} takes {want} "
+                f"(in_channels {model['in_channels']} / patch_size {model['patch_size']}**2)"
+            )
+        patch = int(model["patch_size"])
+        if height % patch or width % patch:
+            raise ConfigError(f"config key '{size_key}': latents of {height}x{width} do not split into "
+                              f"{patch}x{patch} patches ({where}.patch_size)")
+        if text_dim != int(model["joint_attention_dim"]):
+            raise ConfigError(f"config key '{text_key}' gives text embeddings of width {text_dim} but {where} "
+                              f"takes {model['joint_attention_dim']} (joint_attention_dim)")
+
+    def _check_sampling(self) -> None:
+        if self.train.sample_every <= 0:
+            return
+        for key in ("prompts", "presets"):
+            if not getattr(self.sampling, key):
+                raise ConfigError(f"config key 'sampling.{key}' is empty but train.sample_every="
+                                  f"{self.train.sample_every} samples; give at least one or set train.sample_every: 0")
+        if self.data is not None and self.model.edit:
+            raise ConfigError(
+                "config key 'train.sample_every': sample grids of an edit model need reference images, which "
+                "sampling.prompts cannot give; set train.sample_every: 0"
+            )
+
+    def check_inputs(self) -> None:
+        """The checks that read files, run once before any rank starts (``twinflow train``, and every
+        rank of ``python -m twinflow.train`` before it builds anything): the pretrained model's config,
+        a ``train.resume`` checkpoint, and the cache (its manifest, its fingerprint against ``data``,
+        its latent and text shapes against the model). :class:`ConfigError` naming the key and file."""
+        from twinflow.data.cache import check_fingerprint, data_fingerprint, read_manifest
+        from twinflow.data.stats import DataError
+
+        try:
+            model = self.model.transformer_settings()
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("config key '", "config key 'model.", 1)) from e
+        resume = self.train.resume
+        if resume not in ("auto", "none") and not (Path(resume) / "meta.json").is_file():
+            what = "does not exist" if not Path(resume).exists() else "is not a complete checkpoint (no meta.json)"
+            raise ConfigError(f"config key 'train.resume': {resume} {what}")
+        if self.data is None:
+            if self.model.pretrained is not None:  # an inline transformer was checked by __post_init__
+                syn = self.synthetic_data
+                self._check_shapes(model, syn.latent_channels, syn.latent_size, syn.latent_size, syn.text_dim,
+                                   "synthetic_data.latent_channels", "synthetic_data.latent_size", "synthetic_data.text_dim")
+            return
+        try:
+            manifest = read_manifest(self.data.cache_dir)
+            check_fingerprint(manifest, data_fingerprint(self.data), self.data.cache_dir)
+        except DataError as e:
+            raise ConfigError(f"config key 'data.cache_dir': {e}") from e
+        channels, height, width = manifest["latent_shape"]
+        self._check_shapes(model, channels, height, width, int(manifest["embed_dim"]),
+                           f"data.cache_dir ({self.data.cache_dir})", f"data.cache_dir ({self.data.cache_dir})",
+                           f"data.cache_dir ({self.data.cache_dir})")
+        if bool(manifest["has_ref"]) != self.model.edit:
+            raise ConfigError(f"config key 'model.edit' is {self.model.edit} but the cache {self.data.cache_dir} "
+                              f"{'has' if manifest['has_ref'] else 'has no'} reference latents")
+        encoder = manifest["fingerprint"].get("model_path")
+        if self.train.sample_every > 0 and not (encoder and Path(encoder).is_dir()):
+            raise ConfigError(f"config key 'train.sample_every': sample prompts are encoded with the text encoder "
+                              f"the cache {self.data.cache_dir} was built with, {encoder}, which is not a folder here")
+
     @property
     def output_dir(self) -> Path:
         return Path(self.train.output_dir)
 
 
-def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
-    """Strictly load a :class:`TrainConfig` from YAML ``path`` with ``key.path=value`` overrides."""
-    return load_config(TrainConfig, path, overrides)
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None, *,
+                      check_inputs: bool = False) -> TrainConfig:
+    """Strictly load a :class:`TrainConfig` from YAML ``path`` with ``key.path=value`` overrides;
+    ``check_inputs`` also runs :meth:`TrainConfig.check_inputs` (the files the run will read)."""
+    config = load_config(TrainConfig, path, overrides)
+    if check_inputs:
+        config.check_inputs()
+    return config

@@ -43,6 +43,9 @@ class SyntheticDataConfig:
     def __post_init__(self) -> None:
         if self.num_items < 1:
             raise ConfigError(f"config key 'synthetic_data.num_items' must be >= 1, got {self.num_items}")
+        for key in ("latent_channels", "text_dim"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key 'synthetic_data.{key}' must be >= 1, got {getattr(self, key)}")
         if self.latent_size < 2 or self.latent_size % 2:
             raise ConfigError(f"config key 'synthetic_data.latent_size' must be an even number >= 2, got {self.latent_size}")
         if not 1 <= self.min_text_len <= self.max_text_len:
@@ -109,17 +112,18 @@ class SyntheticDataset(torch.utils.data.Dataset):
 def build_loader(
     data: Any, synthetic: SyntheticDataConfig | None, micro_batch_size: int, rank: int, world_size: int
 ) -> ResumableLoader:
-    """The loader of this rank's micro batches, from the cache (``data``) or ``synthetic``."""
+    """The loader of this rank's micro batches, from the cache (``data``, checked against its settings;
+    the cache's skipped-item counts are carried into ``loader.stats``) or ``synthetic``."""
     if synthetic is not None:
         dataset = SyntheticDataset(synthetic)
         return ResumableLoader(dataset, micro_batch_size, seed=synthetic.seed, shuffle=synthetic.shuffle,
                                rank=rank, world_size=world_size)
-    if not data.use_cache:
-        raise ConfigError(
-            "config key 'data.use_cache' must be true: the trainer reads the latent/text cache "
-            "(build it with `python -m twinflow.data.precompute --config <config>`)"
-        )
-    from twinflow.data.cache import CachedDataset
+    from twinflow.data.cache import CachedDataset, data_fingerprint
 
-    return ResumableLoader(CachedDataset(data.cache_dir), micro_batch_size, seed=data.seed, shuffle=data.shuffle,
-                           rank=rank, world_size=world_size, num_workers=data.num_workers)
+    # The cache must have been built from these data settings (TrainConfig.check_inputs checked it before
+    # any rank started; checked again here for configs built in code).
+    dataset = CachedDataset(data.cache_dir, data_fingerprint(data))
+    loader = ResumableLoader(dataset, micro_batch_size, seed=data.seed, shuffle=data.shuffle,
+                             rank=rank, world_size=world_size, num_workers=data.num_workers)
+    loader.stats.carry(dataset.skipped_at_precompute)  # what the precompute skipped stays in the run's counts
+    return loader

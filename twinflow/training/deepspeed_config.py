@@ -22,22 +22,7 @@ from typing import Any
 
 from twinflow.utils.typed_config import ConfigError
 
-from .config import TrainConfig
-
-OWNED_KEYS = (
-    "train_batch_size",
-    "train_micro_batch_size_per_gpu",
-    "gradient_accumulation_steps",
-    "gradient_clipping",
-    "optimizer",
-    "scheduler",
-    "bf16",
-    "fp16",
-)
-"""Top-level DeepSpeed keys derived from the typed config; ``deepspeed.extra`` may not set them."""
-
-OWNED_ZERO_KEYS = ("stage", "offload_optimizer", "offload_param")
-
+from .config import OWNED_KEYS, OWNED_ZERO_KEYS, TrainConfig, check_deepspeed_extra  # noqa: F401 (re-exported)
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
@@ -47,24 +32,6 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = copy.deepcopy(value)
     return out
-
-
-def _check_extra(extra: dict[str, Any]) -> None:
-    owned = sorted(k for k in extra if k in OWNED_KEYS)
-    zero = extra.get("zero_optimization", {})
-    if not isinstance(zero, dict):
-        raise ConfigError("config key 'deepspeed.extra.zero_optimization' must be a mapping")
-    owned += sorted(f"zero_optimization.{k}" for k in zero if k in OWNED_ZERO_KEYS)
-    if owned:
-        raise ConfigError(
-            f"config key(s) {', '.join(f'deepspeed.extra.{k}' for k in owned)} are derived from the typed "
-            "config (optim.*, train.micro_batch_size, deepspeed.zero_stage/bf16/offload_*); set those instead"
-        )
-    if zero.get("zero_hpz_partition_size", 1) != 1:
-        raise ConfigError(
-            "config key 'deepspeed.extra.zero_optimization.zero_hpz_partition_size': hpZ secondary partitions "
-            "are not supported (the shard EMA swaps the primary partition only)"
-        )
 
 
 def build_deepspeed_config(config: TrainConfig, world_size: int, *, on_cpu: bool) -> dict[str, Any]:
@@ -78,7 +45,7 @@ def build_deepspeed_config(config: TrainConfig, world_size: int, *, on_cpu: bool
     """
     ds = config.deepspeed
     optim = config.optim
-    _check_extra(ds.extra)
+    check_deepspeed_extra(ds.extra)  # the config checked it at load time; configs edited in code too
     micro = config.train.micro_batch_size
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer:

@@ -67,6 +67,7 @@ from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 import torch
 from torch import nn
 
+from twinflow.backbones.qwen_image.config import TRANSFORMER_DEFAULTS
 from twinflow.utils.typed_config import ConfigError
 
 if TYPE_CHECKING:
@@ -89,17 +90,10 @@ NON_BLOCK_WIDTHS = 4
 """Estimate: D-wide tensors per token saved by the layers outside the blocks (input projections,
 output norm and projection) in the main forward."""
 
-QWEN_IMAGE_TRANSFORMER = {
-    "patch_size": 2,
-    "in_channels": 64,
-    "out_channels": 16,
-    "num_layers": 60,
-    "attention_head_dim": 128,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 3584,
-    "axes_dims_rope": (16, 56, 56),
-}
-"""The published Qwen-Image transformer config (``transformer/config.json`` of Qwen/Qwen-Image)."""
+QWEN_IMAGE_TRANSFORMER = {k: v for k, v in TRANSFORMER_DEFAULTS.items()
+                          if k not in ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope")}
+"""The published Qwen-Image transformer config (``transformer/config.json`` of Qwen/Qwen-Image), which
+the transformer's defaults are."""
 ARCHITECTURE_KEYS = (
     *QWEN_IMAGE_TRANSFORMER,
     "zero_cond_t",

@@ -40,7 +40,6 @@ from PIL.PngImagePlugin import PngInfo
 
 from twinflow.sampling import SamplerConfig, sample
 from twinflow.training.distributed import all_ranks_agree
-from twinflow.utils.typed_config import ConfigError
 
 if TYPE_CHECKING:
     from twinflow.data.stats import DataStats
@@ -285,11 +284,6 @@ class RunLogger:
         self.data_stats = data_stats
         self.output_dir = Path(config.train.output_dir)
         self._prompts: SamplePrompts | None = None
-        if config.train.sample_every > 0 and config.data is not None and config.model.edit:
-            raise ConfigError(
-                "config key 'train.sample_every': sample grids of an edit model need reference images, which "
-                "sampling.prompts cannot give; set train.sample_every: 0"
-            )
         self._writer = None
         self._metrics = None
         self._bar = None

@@ -180,7 +180,8 @@ class Trainer:
                                    self.dist.rank, self.dist.world_size)
         self.store = CheckpointStore(config.output_dir / "checkpoints", self.dist.rank, self.dist.world_size,
                                      config.train.keep_last, fault_after_rank_files=self._save_fault,
-                                     fault_in_commit=self._commit_fault)
+                                     fault_in_commit=self._commit_fault, fault_in_prune=self._prune_fault)
+        self.store.sweep_leftovers()  # what a killed save or prune left (.tmp-*, .trash-*)
         self.state = TrainState()
         seed_everything(rank_seed(config.train.seed, self.dist.rank))
         self.resumed_from = self._resume()
@@ -312,6 +313,11 @@ class Trainer:
 
     def close(self) -> None:
         self.run_logger.close()
+
+    def _prune_fault(self, step: int) -> None:
+        """Test hook (``faults.crash_in_prune_at_step``): die while pruning, a checkpoint in the trash."""
+        if self.config.faults.crash_in_prune_at_step == step:
+            os._exit(SAVE_CRASH_EXIT_STATUS)
 
     def _save_fault(self, step: int) -> None:
         """Test hook (``faults.crash_in_save_at_step``): die after this rank's files are written."""

@@ -2,10 +2,15 @@
 
 Every config in the project is a (nested) dataclass. Loading is strict: an unknown key, a value of the
 wrong type or a missing required field raises :class:`ConfigError` naming the full dotted key.
+
+One generic rule for numbers: every ``float`` value (also inside lists and tuples) must be finite. NaN
+is never accepted; a field whose meaning allows infinity says so with ``field(metadata=ALLOW_INF)``.
+Per-key ranges live in each dataclass's ``__post_init__``.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -24,11 +29,15 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the offending key or file."""
 
 
+ALLOW_INF = {"allow_inf": True}
+"""``field(metadata=ALLOW_INF)``: this float field accepts +/-inf (NaN is never accepted)."""
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
+def _convert(value: Any, tp: Any, key: str, allow_inf: bool = False) -> Any:
     origin = get_origin(tp)
     if tp is Any:
         return value
@@ -40,12 +49,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}': null is not allowed (expected {_type_name(tp)})")
         candidates = [a for a in args if a is not type(None)]
         if len(candidates) == 1:
-            return _convert(value, candidates[0], key)
+            return _convert(value, candidates[0], key, allow_inf)
         for arg in args:
             if arg is type(None):
                 continue
             try:
-                return _convert(value, arg, key)
+                return _convert(value, arg, key, allow_inf)
             except ConfigError:
                 continue
         raise ConfigError(f"config key '{key}': {value!r} matches none of {_type_name(tp)}")
@@ -66,9 +75,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"config key '{key}': expected {len(args)} items, got {len(value)}")
-            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+            return tuple(_convert(v, a, f"{key}[{i}]", allow_inf) for i, (v, a) in enumerate(zip(value, args)))
         inner = args[0] if args else Any
-        items = [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        items = [_convert(v, inner, f"{key}[{i}]", allow_inf) for i, v in enumerate(value)]
         return tuple(items) if (origin is tuple or tp is tuple) else items
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
@@ -76,14 +85,14 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         args = get_args(tp)
         if not args:
             return dict(value)
-        return {_convert(k, args[0], f"{key}.<key>"): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
+        return {_convert(k, args[0], f"{key}.<key>", allow_inf): _convert(v, args[1], f"{key}.{k}", allow_inf) for k, v in value.items()}
     if tp is float:
         if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
             # PyYAML follows YAML 1.1, where "1e-4" (no dot) is a string; users mean a number.
-            return float(value)
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
-        return float(value)
+        return _finite(float(value), key, allow_inf)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
@@ -101,6 +110,21 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"config key '{key}': cannot interpret {value!r} as {_type_name(tp)}")
 
 
+def _join_key(section: str, key: str) -> str:
+    """``model.lora`` + ``lora.rank`` -> ``model.lora.rank`` (a key already naming the section's tail)."""
+    head, tail = section.split("."), key.split(".")
+    for k in range(min(len(head), len(tail) - 1), 0, -1):
+        if head[-k:] == tail[:k]:
+            return ".".join(head + tail[k:])
+    return f"{section}.{key}"
+
+
+def _finite(value: float, key: str, allow_inf: bool) -> float:
+    if math.isnan(value) or (math.isinf(value) and not allow_inf):
+        raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
+    return value
+
+
 def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys and type errors raise :class:`ConfigError`."""
     data = dict(data or {})
@@ -114,12 +138,17 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
     for name, f in fields.items():
         key = prefix + name
         if name in data:
-            kwargs[name] = _convert(data[name], hints[name], key)
+            kwargs[name] = _convert(data[name], hints[name], key, bool(f.metadata.get("allow_inf")))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"config key '{key}' is required")
     try:
         obj = cls(**kwargs)
-    except ConfigError:
+    except ConfigError as e:
+        # A nested section's own check names its keys relative to it ('lora.rank'): name them in full.
+        section = prefix.rstrip(".")
+        if section and f"'{section}" not in str(e):
+            named, n = re.subn(r"(config key )'([^']+)'", lambda m: f"{m.group(1)}'{_join_key(section, m.group(2))}'", str(e))
+            raise ConfigError(named if n else f"config section '{section}': {e}") from e
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}': {e}") from e

@@ -40,6 +40,25 @@ DEFAULT_LORA_TARGETS = [
 ]
 """Every attention projection of both streams and both streams' MLPs (peft suffix patterns)."""
 
+TRANSFORMER_DEFAULTS: dict[str, Any] = {
+    "patch_size": 2,
+    "in_channels": 64,
+    "out_channels": 16,
+    "num_layers": 60,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 3584,
+    "guidance_embeds": False,
+    "axes_dims_rope": (16, 56, 56),
+    "zero_cond_t": False,
+    "use_additional_t_cond": False,
+    "use_layer3d_rope": False,
+}
+"""The keys an inline ``transformer`` config may set, with the transformer's defaults, so that a
+misspelled key is refused when the config is loaded (without importing diffusers). A test keeps this
+equal to ``TwinFlowQwenImageTransformer.__init__``'s signature (less the top-level ``twin_embedder`` and
+``kernels``)."""
+
 
 @dataclass
 class LoraSettings:
@@ -92,6 +111,8 @@ class QwenImageBackboneConfig:
     def __post_init__(self) -> None:
         if (self.pretrained is None) == (self.transformer is None):
             raise ConfigError("exactly one of config keys 'pretrained' and 'transformer' must be set")
+        if self.transformer is not None:
+            self._check_transformer_keys(self.transformer)
         if self.lora.train_time_embed_2 is None:
             self.lora.train_time_embed_2 = "full" if self.twin_embedder else "frozen"
         elif self.lora.train_time_embed_2 != "frozen" and not self.twin_embedder:
@@ -105,6 +126,49 @@ class QwenImageBackboneConfig:
                 "config keys 'kernels: triton' and 'lora.train_time_embed_2: lora' conflict: the fused time "
                 "embedding reads plain Linear weights; use train_time_embed_2 'full' or 'frozen', or kernels 'eager'"
             )
+
+    @staticmethod
+    def _check_transformer_keys(transformer: dict[str, Any]) -> None:
+        import difflib
+
+        for key in sorted(transformer):
+            if key in ("twin_embedder", "kernels"):
+                raise ConfigError(f"config key 'transformer.{key}' is a top-level backbone key: set '{key}' instead")
+            if key not in TRANSFORMER_DEFAULTS:
+                close = difflib.get_close_matches(key, TRANSFORMER_DEFAULTS, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else f"; valid keys: {sorted(TRANSFORMER_DEFAULTS)}"
+                raise ConfigError(f"unknown config key 'transformer.{key}'{hint}")
+        for key, value in transformer.items():
+            default = TRANSFORMER_DEFAULTS[key]
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise ConfigError(f"config key 'transformer.{key}': expected true/false, got {value!r}")
+            elif isinstance(default, tuple):
+                if not isinstance(value, (list, tuple)) or len(value) != len(default) or not all(
+                        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
+                    raise ConfigError(f"config key 'transformer.{key}' must be {len(default)} integers >= 1, got {value!r}")
+            elif not (value is None and key == "out_channels") and (
+                    isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"config key 'transformer.{key}' must be an integer >= 1, got {value!r}")
+
+    def transformer_settings(self) -> dict[str, Any]:
+        """The transformer's settings: the inline ``transformer`` over the defaults, or the pretrained
+        folder's ``config.json`` (reads that file; :class:`ConfigError` naming it when it is unusable)."""
+        if self.transformer is not None:
+            return {**TRANSFORMER_DEFAULTS, **self.transformer}
+        import json
+
+        file = resolve_pretrained_dir(self.pretrained) / "config.json"
+        try:
+            saved = json.loads(file.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"config key 'pretrained': cannot read {file}: {e}") from e
+        return {**TRANSFORMER_DEFAULTS, **{k: v for k, v in saved.items() if k in TRANSFORMER_DEFAULTS}}
+
+    @staticmethod
+    def latent_channels_of(settings: dict[str, Any]) -> int:
+        """Latent channels C the transformer takes: ``in_channels = C * patch_size**2`` (2x2 packing)."""
+        return int(settings["in_channels"]) // int(settings["patch_size"]) ** 2
 
     @property
     def torch_dtype(self) -> torch.dtype:
