@@ -16,6 +16,7 @@ compiled-mode kernels that cannot run on CPU tensors); a module that decorates o
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -33,9 +34,24 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.lru_cache(maxsize=1)
 def triton_installed() -> bool:
-    """Whether the ``triton`` distribution can be imported (without importing it)."""
+    """Whether the ``triton`` distribution can be imported (without importing it). Cached: the answer
+    cannot change within a process that has imported a kernel module, and ``find_spec`` walks
+    ``sys.path`` (tens of microseconds per kernel call otherwise)."""
     return importlib.util.find_spec("triton") is not None
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for launch grids. ``triton.cdiv`` is a ``constexpr_function`` in Triton 3.9,
+    whose Python call costs ~5 us (argument unwrapping); launchers call this instead."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n <= 1``), as ``triton.next_power_of_2`` but a plain
+    function (see :func:`cdiv`)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 def _device_type(tensors: tuple[torch.Tensor, ...]) -> str:

@@ -64,7 +64,7 @@ from triton.language.extra import libdevice
 
 from twinflow.method.loss_math import LossArithmetic, twinflow_loss_reference
 
-from ._common import interpreter_enabled, use_triton
+from ._common import cdiv, interpreter_enabled, next_power_of_2, use_triton
 
 __all__ = ["twinflow_loss"]
 
@@ -272,7 +272,7 @@ def _row_stride(x: Optional[torch.Tensor]) -> int:
 
 def _block(n: int) -> int:
     """Columns per program: the row rounded up to a power of two, between 16 and ``_MAX_BLOCK``."""
-    return max(16, min(_MAX_BLOCK, triton.next_power_of_2(n)))
+    return max(16, min(_MAX_BLOCK, next_power_of_2(n)))
 
 
 def _num_warps(block: int) -> int:
@@ -359,7 +359,7 @@ def _forward(
     device = F.device
     f32 = dict(dtype=torch.float32, device=device)
     block = _block(n)
-    n_blocks = triton.cdiv(n, block)
+    n_blocks = cdiv(n, block)
     partials = torch.empty(B, n_blocks, 2, **f32)
     res = torch.empty(B, n, **f32) if save_residuals else None
     rres = torch.empty(E, n, **f32) if save_residuals and E else None
@@ -368,8 +368,8 @@ def _forward(
 
     r0, r1 = arith.enhanced_range
     loss_cfg = arith.loss
-    block_b = max(16, triton.next_power_of_2(B))
-    block_p = max(1, min(triton.next_power_of_2(n_blocks), _EPILOGUE_TILE // block_b))
+    block_b = max(16, next_power_of_2(B))
+    block_p = max(1, min(next_power_of_2(n_blocks), _EPILOGUE_TILE // block_b))
     interpreted = interpreter_enabled()
     kernels = _kernels(interpreted)
     dummy = partials  # any tensor: a pointer argument whose loads/stores are compiled out
@@ -408,7 +408,7 @@ def _grad(fwd_coef: torch.Tensor, res: torch.Tensor, rres: Optional[torch.Tensor
     block = _block(n)
     interpreted = interpreter_enabled()
     with torch.cuda.device(res.device) if res.device.type == "cuda" else nullcontext():
-        _kernels(interpreted).grad[(triton.cdiv(n, block), B)](
+        _kernels(interpreted).grad[(cdiv(n, block), B)](
             res, _or(rres, res), fwd_coef, g_base.float().contiguous(), g_rect.float().contiguous(), dF,
             B, E, n, HAS_RECT=E > 0, INTERPRETED=interpreted, BLOCK=block, num_warps=_num_warps(block),
             enable_fp_fusion=False,

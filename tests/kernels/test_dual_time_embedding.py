@@ -304,6 +304,37 @@ def test_lora_wrapped_embedder_is_refused():
         DualTimestepEmbedding(e1, e2, backend="triton")
 
 
+def test_weights_are_checked_once_and_changes_are_detected(monkeypatch):
+    """Host path (issue 12 item 5): the full weight validation and the embedder inspection run once
+    for a pair of embedders; a weight re-typed or reshaped, or a Linear replaced (LoRA injected), after
+    the first call is still caught on the next call."""
+    import twinflow.kernels.dual_time_embedding as dte
+    from peft import LoraConfig, inject_adapter_in_model
+
+    checks = []
+    real_validate, real_weights = dte._validate, dte.embedder_weights
+    monkeypatch.setattr(dte, "_validate", lambda *a: checks.append("validate") or real_validate(*a))
+    monkeypatch.setattr(dte, "embedder_weights", lambda *a: checks.append("embedder") or real_weights(*a))
+    e1, e2 = make_embedders(32, torch.float32, "cpu", seed=11)
+    t, tt = make_times(3, "cpu")
+    first = dual_time_embedding(t, tt, e1, e2, torch.float32, backend="triton")
+    for _ in range(3):
+        assert torch.equal(dual_time_embedding(t, tt, e1, e2, torch.float32, backend="triton"), first)
+    assert checks.count("validate") == 1 and checks.count("embedder") == 2
+    lin2 = e1.timestep_embedder.linear_2
+    lin2.weight.data = lin2.weight.data.to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"w2_1 is torch.bfloat16 but the embedding dtype is torch.float32"):
+        dual_time_embedding(t, tt, e1, e2, torch.float32, backend="triton")
+    lin2.weight.data = torch.zeros(32, 16)
+    with pytest.raises(ValueError, match=r"w2_1 has shape \(32, 16\), expected \(32, 32\)"):
+        dual_time_embedding(t, tt, e1, e2, torch.float32, backend="triton")
+    lin2.weight.data = torch.randn(32, 32)
+    dual_time_embedding(t, tt, e1, e2, torch.float32, backend="triton")
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["linear_1"]), e2)
+    with pytest.raises(TypeError, match=r"embed_2\.timestep_embedder\.linear_1 .*not a plain nn.Linear"):
+        dual_time_embedding(t, tt, e1, e2, torch.float32, backend="triton")
+
+
 def test_backend_selection(monkeypatch):
     x = torch.zeros(2)
     assert use_triton(x, backend="eager") is False
