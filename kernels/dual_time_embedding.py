@@ -436,14 +436,41 @@ class _Tiles(NamedTuple):
     b: int  # batch rows per tile
     n: int  # features per tile (outputs, and the reduction step over D)
     c: int  # reduction step over the sinusoid channels
+    n2: int  # output features per tile of the Linear2 + combine kernel (see _combine_block_n)
+
+
+_DEFAULT_SMS = 132
+"""Streaming multiprocessors assumed where there is no CUDA device (the interpreter): an H200's count,
+so CPU runs use the tile sizes an H200 gets."""
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _DEFAULT_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _combine_block_n(row_tiles: int, width: int, sms: int) -> int:
+    """Output features per program of the Linear2 + combine kernel: the widest of 64, 32, 16 whose grid
+    (``row_tiles x cdiv(width, BLOCK_N)`` programs) covers every SM, else 16. At Qwen-Image sizes (batch
+    <= 64, so one row tile; D = 3072) 64 gives 48 programs, 32 gives 96 and 16 gives 192, so an H200
+    (132 SMs) gets 16. The reduction step over D stays ``_Tiles.n`` whatever this returns, so every
+    output sums its products in the same order (the result does not depend on the SM count)."""
+    for block_n in (64, 32, 16):
+        if row_tiles * cdiv(width, block_n) >= sms:
+            return block_n
+    return 16
 
 
 @functools.lru_cache(maxsize=64)
-def _tiles(batch: int, width: int, channels: int) -> _Tiles:
+def _tiles(batch: int, width: int, channels: int, sms: int = _DEFAULT_SMS) -> _Tiles:
     """Tile sizes. The batch is small (<= 64 typical) and D is 3072 for Qwen-Image; 64-wide feature
-    tiles give 2 * D / 64 = 96 programs per grouped launch and keep the two accumulators of the
-    combine kernel in registers."""
-    return _Tiles(b=_block(batch, 64), n=_block(width, 64), c=_block(channels, 64))
+    tiles give 2 * D / 64 = 96 programs per grouped launch. The combine kernel, one group only,
+    narrows its output tiles until its grid covers the ``sms`` SMs (:func:`_combine_block_n`)."""
+    b = _block(batch, 64)
+    n = _block(width, 64)
+    return _Tiles(b=b, n=n, c=_block(channels, 64), n2=min(n, _combine_block_n(cdiv(batch, b), width, sms)))
 
 
 def _launch_sinusoid(kernels: _Kernels, t: torch.Tensor, tt: torch.Tensor, proj: torch.Tensor) -> None:
@@ -490,7 +517,7 @@ class _DualTimeEmbeddingFn(torch.autograd.Function):
         batch, (width, channels) = t.shape[0], w1_1.shape
         w1_1, b1_1, w2_1, b2_1, w1_2, b1_2, w2_2, b2_2 = (
             w.contiguous() for w in (w1_1, b1_1, w2_1, b2_1, w1_2, b1_2, w2_2, b2_2))
-        tiles = _tiles(batch, width, channels)
+        tiles = _tiles(batch, width, channels, _sm_count(t.device))
         needs_grad = any(ctx.needs_input_grad[2:10])
         dev = t.device
         proj = torch.empty((2, batch, channels), dtype=dtype, device=dev)
@@ -504,9 +531,9 @@ class _DualTimeEmbeddingFn(torch.autograd.Function):
         kernels.linear1_silu[(rows, cols, 2)](
             proj, w1_1, w1_2, b1_1, b1_2, pre, h, batch, width, channels,
             STORE_PRE=needs_grad, BLOCK_B=tiles.b, BLOCK_N=tiles.n, BLOCK_K=tiles.c)
-        kernels.linear2_combine[(rows, cols)](
+        kernels.linear2_combine[(rows, cdiv(width, tiles.n2))](
             h, w2_1, w2_2, b2_1, b2_2, t, tt, t.stride(0), tt.stride(0), out, batch, width,
-            BLOCK_B=tiles.b, BLOCK_N=tiles.n, BLOCK_K=tiles.n)
+            BLOCK_B=tiles.b, BLOCK_N=tiles.n2, BLOCK_K=tiles.n)
         if needs_grad:
             ctx.save_for_backward(t, tt, w2_1, w2_2, proj, pre, h)
         return out

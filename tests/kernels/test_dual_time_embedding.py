@@ -132,6 +132,18 @@ def test_forward_matches_reference(device, batch, width, dtype, poisoned_allocat
     assert rel_err(out, ref) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("batch", [1, 4, 16, 64])
+def test_combine_grid_covers_every_sm_at_qwen_width(batch):
+    """Issue 12 item 7: the Linear2 + combine launch at D = 3072 has at least one program per SM of
+    an H200 (132), and its reduction step (hence the summation order) does not depend on the SMs."""
+    from twinflow.kernels.dual_time_embedding import _tiles
+
+    tiles = _tiles(batch, 3072, 256, 132)
+    programs = -(-batch // tiles.b) * -(-3072 // tiles.n2)
+    assert programs >= 132, tiles
+    assert tiles.n == _tiles(batch, 3072, 256, 1).n == 64
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", [1, 7, 64])
