@@ -31,7 +31,6 @@ from __future__ import annotations
 import functools
 import math
 import operator
-import types
 import weakref
 from typing import NamedTuple, Optional
 
@@ -39,9 +38,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import nn
-from triton.language.extra import libdevice
 
-from ._common import BACKENDS, KernelBackendError, cdiv, interpreter_enabled, next_power_of_2, use_triton
+from ._common import BACKENDS, KernelBackendError, cdiv, interpreter_enabled, jit_kernels, next_power_of_2, use_triton
 
 # The diffusers Timesteps configuration used by QwenTimestepProjEmbeddings.
 SINUSOID_SCALE = 1000.0
@@ -165,68 +163,11 @@ def _validate_cached(t: torch.Tensor, tt: torch.Tensor, weights: tuple[torch.Ten
 # --------------------------------------------------------------------------------------------------
 # Triton kernels
 #
-# The kernel bodies below are plain functions turned into kernels by `_kernels()` on first use:
-# Triton picks compiled or interpreted mode when `triton.jit` runs, so decorating lazily makes
-# TRITON_INTERPRET matter at the first call rather than at import (importing this module early, e.g.
-# from another test directory, must not freeze the mode).
-#
-# The bodies call four helpers, `_cast`, `_dot`, `_sin`, `_cos`. `_kernels()` binds each name to a
-# jit function built for the mode: the native versions below on GPUs, the `*_interpreted` versions
-# under the CPU interpreter, which works around three gaps of the interpreter (Triton 3.9):
-# * fp32 -> bf16 casts truncate instead of rounding to nearest even (we round with integer ops);
-# * tl.dot multiplies bf16 operands as raw integers (we feed float32 operands: exact, since a
-#   product of two bf16 values is exact in float32 and the accumulator is float32 either way);
-# * libdevice is unavailable (numpy's sin/cos are used; they are within 1 ulp of torch's).
+# The kernel bodies below are plain functions turned into kernels by `_kernels()` on first use, with
+# `_common.jit_kernels`: they call `_cast`, `_dot`, `_sin`, `_cos`, bound there to the GPU helpers or,
+# under the CPU interpreter, to their substitutes (the only difference between the two modes; see
+# `_common.py` for why each substitute exists).
 # --------------------------------------------------------------------------------------------------
-
-def _cast(x, ty: tl.constexpr):
-    """Round ``x`` to ``ty`` (round to nearest even)."""
-    return x.to(ty)
-
-
-def _dot(a, b, acc):
-    """``acc + a @ b`` with float32 accumulation; IEEE float32 products (never TF32) for fp32 inputs."""
-    return tl.dot(a, b, acc, input_precision="ieee")
-
-
-def _sin(x):
-    """CUDA math library sinf, the implementation torch's CUDA sin uses."""
-    return libdevice.sin(x)
-
-
-def _cos(x):
-    """CUDA math library cosf, the implementation torch's CUDA cos uses."""
-    return libdevice.cos(x)
-
-
-def _cast_interpreted(x, ty: tl.constexpr):
-    """Round-to-nearest-even fp32 -> bf16 with integer ops (the interpreter truncates)."""
-    if ty == tl.bfloat16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return x.to(ty)
-
-
-def _dot_interpreted(a, b, acc):
-    """``acc + a @ b`` on float32 operands (the interpreter mis-multiplies bf16 operands)."""
-    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-
-
-def _sin_interpreted(x):
-    return tl.sin(x)
-
-
-def _cos_interpreted(x):
-    return tl.cos(x)
-
-
-_HELPERS = {
-    False: {"_cast": _cast, "_dot": _dot, "_sin": _sin, "_cos": _cos},
-    True: {"_cast": _cast_interpreted, "_dot": _dot_interpreted, "_sin": _sin_interpreted,
-           "_cos": _cos_interpreted},
-}
-
 
 def _sinusoid_body(t_ptr, tt_ptr, stride_t, stride_tt, freq_ptr, proj_ptr, B,
                    HALF: tl.constexpr, SCALE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -422,9 +363,7 @@ def _kernels(interpreted: bool) -> _Kernels:
     time of the call (triton.jit reads it); it selects the helper set the kernel bodies see: each body
     is re-created over a copy of this module's globals in which the helper names are the jitted
     helpers of that mode."""
-    namespace = dict(globals())
-    namespace.update({name: triton.jit(fn) for name, fn in _HELPERS[interpreted].items()})
-    return _Kernels(*(triton.jit(types.FunctionType(body.__code__, namespace, body.__name__)) for body in _BODIES))
+    return _Kernels(*jit_kernels(_BODIES, interpreted, globals()))
 
 
 def _block(n: int, cap: int) -> int:
