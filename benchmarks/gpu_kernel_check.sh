@@ -16,6 +16,8 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 timeout "${TEST_TIMEOUT:-300}" python -m pytest -q -m cuda -W ignore::RuntimeWarning \
   tests/kernels/test_common_helpers.py tests/kernels/test_ema.py tests/kernels/test_twinflow_loss.py \
   tests/kernels/test_dual_time_embedding.py -k "not zero3" 2>&1 | tail -40 | tee "$OUT/cuda_tests.txt"
-timeout "${BENCH_TIMEOUT:-240}" python benchmarks/run_gpu.py --only kernels --match "${BENCH_MATCH:-ema/flat_1e8}" \
-  2>&1 | tail -40 | tee "$OUT/bench.txt"
+for match in ${BENCH_MATCH:-ema/ dual_time_embedding/}; do
+  timeout "${BENCH_TIMEOUT:-240}" python benchmarks/run_gpu.py --only kernels --match "$match" \
+    2>&1 | tail -40 | tee "$OUT/bench_${match%/}.txt"
+done
 cp benchmarks/results/gpu_cuda.json "$OUT/" 2>/dev/null || true

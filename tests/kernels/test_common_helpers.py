@@ -3,9 +3,10 @@ what the kernels' docstrings claim of them: on CPU through the interpreter subst
 ``cuda`` marker (``device`` fixture), on a GPU with the code the GPU runs.
 
 * ``_cast`` to bf16: round to nearest even, bitwise equal to ``torch.Tensor.to`` (both modes).
-* ``_dot`` on bf16 operands, float32 accumulation: within ``K * 2**-24 * sum_k |a_ik b_kj|`` of the
-  float64 product (each of the K additions rounds once with relative error <= 2**-24; the products
-  themselves are exact), in both modes.
+* ``_dot`` on bf16 operands, float32 accumulation: within ``K * 2**-23 * sum_k |a_ik b_kj|`` of the
+  float64 product (the products are exact; each of the K additions errs by less than one float32 ulp,
+  2**-23 relative: 2**-24 with round to nearest, as on CPU, and up to 2**-23 where tensor cores
+  truncate), in both modes.
 * ``_sin``, ``_cos``, ``_tan``, ``_pow``: on a GPU bitwise equal to torch's CUDA functions (both call
   the CUDA math library); on CPU within a few ulp (numpy float32 vs torch's CPU functions).
 * ``tl.math.div_rn``: bitwise equal to torch's float32 division (IEEE round to nearest) in both modes.
@@ -93,5 +94,5 @@ def test_dot_bf16_accumulates_in_float32(device, k):
     _, dot = _kernels()
     dot[(1,)](a, b, c, M=16, K=k, N=16)
     exact = a.double() @ b.double()
-    bound = k * 2.0**-24 * (a.double().abs() @ b.double().abs())
+    bound = k * 2.0**-23 * (a.double().abs() @ b.double().abs())
     assert ((c.double() - exact).abs() <= bound).all()
