@@ -96,8 +96,9 @@ def use_triton(*tensors: torch.Tensor, backend: str) -> bool:
 #
 # Kernel bodies are plain functions turned into kernels on first use by :func:`jit_kernels` (Triton
 # picks compiled or interpreted mode when ``triton.jit`` runs, so decorating lazily makes
-# TRITON_INTERPRET matter at the first call rather than at import). They call the helpers below by
-# name; ``jit_kernels`` binds each name to the GPU version or to its interpreter substitute. Each
+# TRITON_INTERPRET matter at the first call rather than at import). They call ``_cast``, ``_dot``,
+# ``_sin``, ``_cos``, ``_tan``, ``_pow``; ``jit_kernels`` binds each name to the ``*_gpu`` version
+# below or to its ``*_interpreted`` substitute. Each
 # substitute exists because Triton's CPU interpreter (checked with Triton 3.9.0) cannot run the GPU
 # code correctly:
 #
@@ -117,29 +118,29 @@ def use_triton(*tensors: torch.Tensor, backend: str) -> bool:
 # runs in both modes. The bare ``/`` compiles to the approximate ``div.full.f32`` on GPUs (up to 2 ulp),
 # so kernels that claim torch's roundings divide with ``div_rn``.
 # --------------------------------------------------------------------------------------------------
-def cast(x, ty: tl.constexpr):  # noqa: F821 - ``tl`` is bound by jit_kernels
+def cast_gpu(x, ty: tl.constexpr):  # noqa: F821 - ``tl`` is bound by jit_kernels
     """Round ``x`` to ``ty`` (round to nearest even)."""
     return x.to(ty)
 
 
-def dot(a, b, acc):
+def dot_gpu(a, b, acc):
     """``acc + a @ b`` with float32 accumulation; IEEE float32 products (never TF32) for fp32 inputs."""
     return tl.dot(a, b, acc, input_precision="ieee")  # noqa: F821
 
 
-def sin(x):
+def sin_gpu(x):
     return libdevice.sin(x)  # noqa: F821
 
 
-def cos(x):
+def cos_gpu(x):
     return libdevice.cos(x)  # noqa: F821
 
 
-def tan(x):
+def tan_gpu(x):
     return libdevice.tan(x)  # noqa: F821
 
 
-def pow(x, p):  # noqa: A001 - the libdevice name
+def pow_gpu(x, p):
     return libdevice.pow(x, p)  # noqa: F821
 
 
@@ -183,7 +184,7 @@ def jit_kernels(bodies, interpreted: bool, module_globals: dict) -> list:
     from triton.language.extra import libdevice
 
     here = {"tl": tl, "libdevice": libdevice, "__name__": __name__}
-    suffix = "_interpreted" if interpreted else ""
+    suffix = "_interpreted" if interpreted else "_gpu"
     namespace = dict(module_globals)
     for name in HELPERS:
         fn = globals()[name + suffix]
