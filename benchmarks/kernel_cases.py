@@ -104,6 +104,16 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def fresh_compile(fn: Callable) -> Callable:
+    """``torch.compile(fn)`` that owes nothing to earlier cases. Dynamo caches compiled code on ``fn``'s
+    code object, so the second case compiling the same reference would be a recompile: marked dynamic
+    (automatic dynamic shapes after a shape change) and measured against guards of the first case.
+    ``torch._dynamo.reset()`` drops those caches and ``dynamic=False`` compiles this case's shapes
+    statically, as a user compiling for one shape would. Call it when a case is prepared."""
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False)
+
+
 def _max_rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     got, ref = got.float(), ref.float()
     return float((got - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
@@ -137,7 +147,7 @@ class EMABench:
             "foreach": self._foreach,
         }
         if "compile" in case.variants:
-            compiled = torch.compile(ema_update_reference_)
+            compiled = fresh_compile(ema_update_reference_)
             self._fns["compile"] = lambda: compiled(self.ema, self.src, EMA_DECAY, self.shadow)
 
     def _foreach(self) -> None:
@@ -209,7 +219,7 @@ class LossBench:
         self.rect_diff = torch.randn((self.n_e2e, *latent), device=device) * 0.1
         self.rows = {"all": batch, "guided": int(guided.sum()), "non_adv": int((~self.adv).sum()), "e2e": self.n_e2e}
         self.n = self.F[0].numel()
-        compiled = torch.compile(twinflow_loss_reference)
+        compiled = fresh_compile(twinflow_loss_reference)
         self._impls = {
             "fused": lambda *a, **k: twinflow_loss(*a, backend="triton", **k),
             "eager": twinflow_loss_reference,
@@ -272,7 +282,7 @@ class TimeEmbeddingBench:
         shapes = [(width, TIME_CHANNELS), (width,), (width, width), (width,)] * 2
         self.weights = [(torch.randn(s, device=device) * s[-1] ** -0.5).to(self.dtype).requires_grad_(True) for s in shapes]
         self.grad_out = torch.randn(batch, width, device=device).to(self.dtype)
-        compiled = torch.compile(dual_time_embedding_reference)
+        compiled = fresh_compile(dual_time_embedding_reference)
         self._impls = {"fused": dual_time_embedding_triton, "eager": dual_time_embedding_reference, "compile": compiled}
 
     def fn(self, variant: str, pass_: str) -> Callable[[], object]:

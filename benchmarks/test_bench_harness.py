@@ -82,9 +82,11 @@ def test_lora_case_shapes():
 def _gpu_run(ema_fraction: float, loss_fused_s: float, e2e_ours: float) -> BenchRun:
     run = BenchRun("gpu", torch.device("cuda"), "test")
     run._copy = {"gbps": 1000.0, "buffer_bytes": 1}
-    ema = KernelCase("ema", "flat_1e8", ("fused", "foreach"), ("update",), {"shapes": [(100_000_000,)], "shadow": False})
+    ema = KernelCase("ema", "flat_1e8", ("fused", "foreach", "compile"), ("update",),
+                     {"shapes": [(100_000_000,)], "shadow": False})
     run.record_kernel(ema, "fused", "update", Timing(1.2e9 / (ema_fraction * 1e12), 0, 1, 1), 1_200_000_000, None)
     run.record_kernel(ema, "foreach", "update", Timing(2e-3, 0, 1, 1), 1_200_000_000, None)
+    run.record_kernel(ema, "compile", "update", Timing(1.4e-3, 0, 1, 1), 1_200_000_000, None)
     loss = KernelCase("twinflow_loss", "b4", ("fused", "eager", "compile"), ("fwd+bwd",), {})
     for variant, seconds in (("fused", loss_fused_s), ("eager", 3e-3), ("compile", 1e-3)):
         run.record_kernel(loss, variant, "fwd+bwd", Timing(seconds, 0, 1, 1), None, None)
@@ -95,11 +97,14 @@ def _gpu_run(ema_fraction: float, loss_fused_s: float, e2e_ours: float) -> Bench
 
 def test_targets_met_and_missed():
     status = {t["target"]: t["status"] for t in evaluate_targets(_gpu_run(0.9, 1e-3, 13.0))}
-    assert status == {"ema_bandwidth": "met", "ema_vs_foreach": "met", "loss_vs_eager": "met",
+    assert status == {"ema_bandwidth": "met", "ema_vs_foreach": "met", "ema_vs_compile": "met", "loss_vs_eager": "met",
                       "loss_vs_compile": "met", "embedding_vs_eager": "not evaluated: no measurement in this run",
                       "e2e_vs_baseline": "met"}
+    # 88% of copy (1.36 ms) misses the 90% target and is slower than the compiled reference (1.4 ms: met).
+    status = {t["target"]: t["status"] for t in evaluate_targets(_gpu_run(0.88, 2e-3, 12.0))}
+    assert status["ema_bandwidth"] == "missed" and status["ema_vs_compile"] == "met"
     status = {t["target"]: t["status"] for t in evaluate_targets(_gpu_run(0.5, 2e-3, 12.0))}
-    assert status["ema_bandwidth"] == "missed"
+    assert status["ema_bandwidth"] == "missed" and status["ema_vs_compile"] == "missed"
     assert status["loss_vs_eager"] == "missed" and status["loss_vs_compile"] == "missed"
     assert status["e2e_vs_baseline"] == "missed"
 
@@ -113,3 +118,29 @@ def test_cpu_runs_do_not_evaluate_targets_and_records_append(tmp_path):
     runs = json.loads(path.read_text())
     assert path.name == "smoke_cpu.json" and len(runs) == 2
     assert {"date_utc", "git_commit", "device", "versions", "measurements"} <= set(runs[0])
+
+
+def test_each_case_compiles_its_own_static_graph(monkeypatch):
+    """Issue 12 item 7: the second case's torch.compile is a fresh, static compile, not a dynamic-shape
+    recompile inherited from the first case (same function, new shapes)."""
+    from .kernel_cases import fresh_compile
+
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append([n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"])
+        return gm.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=recording_backend, **kw))
+
+    def reference(x):
+        return x * 2 + 1
+
+    for n in (3, 5, 7):
+        compiled = fresh_compile(reference)
+        assert torch.equal(compiled(torch.ones(n)), torch.full((n,), 3.0))
+    assert len(graphs) == 3
+    for placeholders in graphs:  # one tensor input, no SymInt sizes
+        assert len(placeholders) == 1 and not any(isinstance(s, torch.SymInt) for s in placeholders[0].shape)
+    torch._dynamo.reset()

@@ -16,8 +16,10 @@ compiled-mode kernels that cannot run on CPU tensors); a module that decorates o
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import types
 
 import torch
 
@@ -33,9 +35,24 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.lru_cache(maxsize=1)
 def triton_installed() -> bool:
-    """Whether the ``triton`` distribution can be imported (without importing it)."""
+    """Whether the ``triton`` distribution can be imported (without importing it). Cached: the answer
+    cannot change within a process that has imported a kernel module, and ``find_spec`` walks
+    ``sys.path`` (tens of microseconds per kernel call otherwise)."""
     return importlib.util.find_spec("triton") is not None
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for launch grids. ``triton.cdiv`` is a ``constexpr_function`` in Triton 3.9,
+    whose Python call costs ~5 us (argument unwrapping); launchers call this instead."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n <= 1``), as ``triton.next_power_of_2`` but a plain
+    function (see :func:`cdiv`)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 def _device_type(tensors: tuple[torch.Tensor, ...]) -> str:
@@ -72,3 +89,104 @@ def use_triton(*tensors: torch.Tensor, backend: str) -> bool:
     if backend == "triton":
         raise KernelBackendError(f"backend='triton' cannot run: {reason}")
     return False
+
+
+# --------------------------------------------------------------------------------------------------
+# The one place where interpreted and compiled kernels differ
+#
+# Kernel bodies are plain functions turned into kernels on first use by :func:`jit_kernels` (Triton
+# picks compiled or interpreted mode when ``triton.jit`` runs, so decorating lazily makes
+# TRITON_INTERPRET matter at the first call rather than at import). They call ``_cast``, ``_dot``,
+# ``_sin``, ``_cos``, ``_tan``, ``_pow``; ``jit_kernels`` binds each name to the ``*_gpu`` version
+# below or to its ``*_interpreted`` substitute. Each
+# substitute exists because Triton's CPU interpreter (checked with Triton 3.9.0) cannot run the GPU
+# code correctly:
+#
+# * ``cast``: the interpreter's fp32 -> bf16 conversion truncates (with or without
+#   ``fp_downcast_rounding="rtne"``); the substitute rounds to nearest even with integer ops, which is
+#   what the GPU's native conversion does (NaN stays NaN: its payload is not all-zero after the shift).
+# * ``dot``: the interpreter multiplies bf16 ``tl.dot`` operands as raw integers (errors ~1e10 on
+#   N(0,1) data); the substitute widens the operands to float32 first, which is exact (a bf16 x bf16
+#   product fits in float32's significand) and accumulates in float32 like the GPU's tensor cores.
+# * ``sin``, ``cos``, ``tan``, ``pow``: ``libdevice`` does not exist under the interpreter. On GPUs
+#   libdevice is the CUDA math library torch's own CUDA sin/cos/tan/pow call (bitwise equal results,
+#   checked by the cuda tests); ``tl.sin``/``tl.cos`` would compile to the approximate sin.approx.f32.
+#   The substitutes are numpy's float32 functions (within 1-2 ulp of torch's CPU ones); ``tan`` is
+#   sin / cos and ``pow(x, p)`` is ``exp2(p log2 x)``, both within a few ulp.
+#
+# Division needs no helper: ``tl.math.div_rn`` (IEEE round-to-nearest division, in Triton 3.6 and 3.9)
+# runs in both modes. The bare ``/`` compiles to the approximate ``div.full.f32`` on GPUs (up to 2 ulp),
+# so kernels that claim torch's roundings divide with ``div_rn``.
+# --------------------------------------------------------------------------------------------------
+def cast_gpu(x, ty: tl.constexpr):  # noqa: F821 - ``tl`` is bound by jit_kernels
+    """Round ``x`` to ``ty`` (round to nearest even)."""
+    return x.to(ty)
+
+
+def dot_gpu(a, b, acc):
+    """``acc + a @ b`` with float32 accumulation; IEEE float32 products (never TF32) for fp32 inputs."""
+    return tl.dot(a, b, acc, input_precision="ieee")  # noqa: F821
+
+
+def sin_gpu(x):
+    return libdevice.sin(x)  # noqa: F821
+
+
+def cos_gpu(x):
+    return libdevice.cos(x)  # noqa: F821
+
+
+def tan_gpu(x):
+    return libdevice.tan(x)  # noqa: F821
+
+
+def pow_gpu(x, p):
+    return libdevice.pow(x, p)  # noqa: F821
+
+
+def cast_interpreted(x, ty: tl.constexpr):  # noqa: F821
+    if ty == tl.bfloat16:  # noqa: F821
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)  # noqa: F821
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)  # noqa: F821
+    return x.to(ty)
+
+
+def dot_interpreted(a, b, acc):
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")  # noqa: F821
+
+
+def sin_interpreted(x):
+    return tl.sin(x)  # noqa: F821
+
+
+def cos_interpreted(x):
+    return tl.cos(x)  # noqa: F821
+
+
+def tan_interpreted(x):
+    return tl.sin(x) / tl.cos(x)  # noqa: F821
+
+
+def pow_interpreted(x, p):
+    return tl.exp2(p * tl.log2(x))  # noqa: F821
+
+
+HELPERS = ("cast", "dot", "sin", "cos", "tan", "pow")
+
+
+def jit_kernels(bodies, interpreted: bool, module_globals: dict) -> list:
+    """``triton.jit`` of each body in ``bodies``, re-created over ``module_globals`` in which the names
+    of :data:`HELPERS` with a leading underscore (``_cast``, ``_dot``, ...) are bound to the jitted GPU helpers (``interpreted`` False) or their interpreter
+    substitutes (True). ``interpreted`` must equal TRITON_INTERPRET at the time of the call."""
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+
+    here = {"tl": tl, "libdevice": libdevice, "__name__": __name__}
+    suffix = "_interpreted" if interpreted else "_gpu"
+    namespace = dict(module_globals)
+    for name in HELPERS:
+        fn = globals()[name + suffix]
+        namespace["_" + name] = triton.jit(types.FunctionType(fn.__code__, here, fn.__name__, fn.__defaults__))
+    return [triton.jit(types.FunctionType(body.__code__, namespace, body.__name__)) for body in bodies]

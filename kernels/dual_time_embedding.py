@@ -30,16 +30,16 @@ from __future__ import annotations
 
 import functools
 import math
-import types
-from typing import NamedTuple
+import operator
+import weakref
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import nn
-from triton.language.extra import libdevice
 
-from ._common import BACKENDS, KernelBackendError, interpreter_enabled, use_triton
+from ._common import BACKENDS, KernelBackendError, cdiv, interpreter_enabled, jit_kernels, next_power_of_2, use_triton
 
 # The diffusers Timesteps configuration used by QwenTimestepProjEmbeddings.
 SINUSOID_SCALE = 1000.0
@@ -101,8 +101,7 @@ def dual_time_embedding_reference(t: torch.Tensor, tt: torch.Tensor,
 _WEIGHT_NAMES = ("w1_1", "b1_1", "w2_1", "b2_1", "w1_2", "b1_2", "w2_2", "b2_2")
 
 
-def _validate(t: torch.Tensor, tt: torch.Tensor, weights: tuple[torch.Tensor, ...], dtype: torch.dtype) -> None:
-    """Clear errors for bad shapes, dtypes and devices (shared by both backends)."""
+def _validate_times(t: torch.Tensor, tt: torch.Tensor) -> None:
     for name, x in (("t", t), ("tt", tt)):
         if not isinstance(x, torch.Tensor) or x.dim() != 1:
             raise ValueError(f"{name} must be a 1-D tensor of times, got shape {getattr(x, 'shape', type(x))}")
@@ -110,6 +109,11 @@ def _validate(t: torch.Tensor, tt: torch.Tensor, weights: tuple[torch.Tensor, ..
             raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if t.shape != tt.shape or t.numel() == 0:
         raise ValueError(f"t and tt must have the same non-empty shape, got {tuple(t.shape)} and {tuple(tt.shape)}")
+
+
+def _validate(t: torch.Tensor, tt: torch.Tensor, weights: tuple[torch.Tensor, ...], dtype: torch.dtype) -> None:
+    """Clear errors for bad shapes, dtypes and devices (shared by both backends)."""
+    _validate_times(t, tt)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     if any(w is None for w in weights):
@@ -129,71 +133,41 @@ def _validate(t: torch.Tensor, tt: torch.Tensor, weights: tuple[torch.Tensor, ..
             raise ValueError(f"{name} is on {w.device}, t on {t.device}, tt on {tt.device}: use one device")
 
 
+_SHAPE = operator.attrgetter("shape")
+_DTYPE = operator.attrgetter("dtype")
+_DEVICE = operator.attrgetter("device")
+_validated: list = [None]
+"""The fingerprint of the last weights :func:`_validate_cached` accepted (one slot: a model has one
+pair of embedders)."""
+
+
+def _validate_cached(t: torch.Tensor, tt: torch.Tensor, weights: tuple[torch.Tensor, ...], dtype: torch.dtype) -> None:
+    """:func:`_validate`, with the weight checks skipped when the weights have the fingerprint (shapes,
+    dtypes, devices, plus ``dtype`` and the times' device) that passed last time;
+    the times are checked on every call. Everything ``_validate`` checks about a weight is a function
+    of its fingerprint, so a skipped check would have passed."""
+    try:
+        key = (dtype, t.device, tuple(map(_SHAPE, weights)), tuple(map(_DTYPE, weights)),
+               tuple(map(_DEVICE, weights)))
+    except TypeError:  # a missing bias (None): the full check names it
+        key = None
+    if key is not None and key == _validated[0]:
+        _validate_times(t, tt)
+        if tt.device != t.device:
+            raise ValueError(f"t is on {t.device} but tt is on {tt.device}: use one device")
+        return
+    _validate(t, tt, weights, dtype)
+    _validated[0] = key
+
+
 # --------------------------------------------------------------------------------------------------
 # Triton kernels
 #
-# The kernel bodies below are plain functions turned into kernels by `_kernels()` on first use:
-# Triton picks compiled or interpreted mode when `triton.jit` runs, so decorating lazily makes
-# TRITON_INTERPRET matter at the first call rather than at import (importing this module early, e.g.
-# from another test directory, must not freeze the mode).
-#
-# The bodies call four helpers, `_cast`, `_dot`, `_sin`, `_cos`. `_kernels()` binds each name to a
-# jit function built for the mode: the native versions below on GPUs, the `*_interpreted` versions
-# under the CPU interpreter, which works around three gaps of the interpreter (Triton 3.9):
-# * fp32 -> bf16 casts truncate instead of rounding to nearest even (we round with integer ops);
-# * tl.dot multiplies bf16 operands as raw integers (we feed float32 operands: exact, since a
-#   product of two bf16 values is exact in float32 and the accumulator is float32 either way);
-# * libdevice is unavailable (numpy's sin/cos are used; they are within 1 ulp of torch's).
+# The kernel bodies below are plain functions turned into kernels by `_kernels()` on first use, with
+# `_common.jit_kernels`: they call `_cast`, `_dot`, `_sin`, `_cos`, bound there to the GPU helpers or,
+# under the CPU interpreter, to their substitutes (the only difference between the two modes; see
+# `_common.py` for why each substitute exists).
 # --------------------------------------------------------------------------------------------------
-
-def _cast(x, ty: tl.constexpr):
-    """Round ``x`` to ``ty`` (round to nearest even)."""
-    return x.to(ty)
-
-
-def _dot(a, b, acc):
-    """``acc + a @ b`` with float32 accumulation; IEEE float32 products (never TF32) for fp32 inputs."""
-    return tl.dot(a, b, acc, input_precision="ieee")
-
-
-def _sin(x):
-    """CUDA math library sinf, the implementation torch's CUDA sin uses."""
-    return libdevice.sin(x)
-
-
-def _cos(x):
-    """CUDA math library cosf, the implementation torch's CUDA cos uses."""
-    return libdevice.cos(x)
-
-
-def _cast_interpreted(x, ty: tl.constexpr):
-    """Round-to-nearest-even fp32 -> bf16 with integer ops (the interpreter truncates)."""
-    if ty == tl.bfloat16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return x.to(ty)
-
-
-def _dot_interpreted(a, b, acc):
-    """``acc + a @ b`` on float32 operands (the interpreter mis-multiplies bf16 operands)."""
-    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-
-
-def _sin_interpreted(x):
-    return tl.sin(x)
-
-
-def _cos_interpreted(x):
-    return tl.cos(x)
-
-
-_HELPERS = {
-    False: {"_cast": _cast, "_dot": _dot, "_sin": _sin, "_cos": _cos},
-    True: {"_cast": _cast_interpreted, "_dot": _dot_interpreted, "_sin": _sin_interpreted,
-           "_cos": _cos_interpreted},
-}
-
 
 def _sinusoid_body(t_ptr, tt_ptr, stride_t, stride_tt, freq_ptr, proj_ptr, B,
                    HALF: tl.constexpr, SCALE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -389,36 +363,62 @@ def _kernels(interpreted: bool) -> _Kernels:
     time of the call (triton.jit reads it); it selects the helper set the kernel bodies see: each body
     is re-created over a copy of this module's globals in which the helper names are the jitted
     helpers of that mode."""
-    namespace = dict(globals())
-    namespace.update({name: triton.jit(fn) for name, fn in _HELPERS[interpreted].items()})
-    return _Kernels(*(triton.jit(types.FunctionType(body.__code__, namespace, body.__name__)) for body in _BODIES))
+    return _Kernels(*jit_kernels(_BODIES, interpreted, globals()))
 
 
 def _block(n: int, cap: int) -> int:
     """A tile size covering ``n`` (power of two, >= 16 for tl.dot, <= cap)."""
-    return max(16, min(cap, triton.next_power_of_2(n)))
+    return max(16, min(cap, next_power_of_2(n)))
 
 
 class _Tiles(NamedTuple):
     b: int  # batch rows per tile
     n: int  # features per tile (outputs, and the reduction step over D)
     c: int  # reduction step over the sinusoid channels
+    n2: int  # output features per tile of the Linear2 + combine kernel (see _combine_block_n)
 
 
-def _tiles(batch: int, width: int, channels: int) -> _Tiles:
+_DEFAULT_SMS = 132
+"""Streaming multiprocessors assumed where there is no CUDA device (the interpreter): an H200's count,
+so CPU runs use the tile sizes an H200 gets."""
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _DEFAULT_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _combine_block_n(row_tiles: int, width: int, sms: int) -> int:
+    """Output features per program of the Linear2 + combine kernel: the widest of 64, 32, 16 whose grid
+    (``row_tiles x cdiv(width, BLOCK_N)`` programs) covers every SM, else 16. At Qwen-Image sizes (batch
+    <= 64, so one row tile; D = 3072) 64 gives 48 programs, 32 gives 96 and 16 gives 192, so an H200
+    (132 SMs) gets 16. The reduction step over D stays ``_Tiles.n`` whatever this returns, so every
+    output sums its products in the same order (the result does not depend on the SM count)."""
+    for block_n in (64, 32, 16):
+        if row_tiles * cdiv(width, block_n) >= sms:
+            return block_n
+    return 16
+
+
+@functools.lru_cache(maxsize=64)
+def _tiles(batch: int, width: int, channels: int, sms: int = _DEFAULT_SMS) -> _Tiles:
     """Tile sizes. The batch is small (<= 64 typical) and D is 3072 for Qwen-Image; 64-wide feature
-    tiles give 2 * D / 64 = 96 programs per grouped launch and keep the two accumulators of the
-    combine kernel in registers."""
-    return _Tiles(b=_block(batch, 64), n=_block(width, 64), c=_block(channels, 64))
+    tiles give 2 * D / 64 = 96 programs per grouped launch. The combine kernel, one group only,
+    narrows its output tiles until its grid covers the ``sms`` SMs (:func:`_combine_block_n`)."""
+    b = _block(batch, 64)
+    n = _block(width, 64)
+    return _Tiles(b=b, n=n, c=_block(channels, 64), n2=min(n, _combine_block_n(cdiv(batch, b), width, sms)))
 
 
 def _launch_sinusoid(kernels: _Kernels, t: torch.Tensor, tt: torch.Tensor, proj: torch.Tensor) -> None:
     """Fill ``proj`` (2, B, C) with the sinusoids of ``t`` and ``tt`` in one launch."""
     batch, half = t.shape[0], proj.shape[2] // 2
     block_b = _block(batch, 64)
-    kernels.sinusoid[(triton.cdiv(batch, block_b), 2)](
+    kernels.sinusoid[(cdiv(batch, block_b), 2)](
         t, tt, t.stride(0), tt.stride(0), _frequency_table(half, t.device), proj, batch,
-        HALF=half, SCALE=SINUSOID_SCALE, BLOCK_B=block_b, BLOCK_H=triton.next_power_of_2(half))
+        HALF=half, SCALE=SINUSOID_SCALE, BLOCK_B=block_b, BLOCK_H=next_power_of_2(half))
 
 
 def timestep_sinusoid_pair_triton(t: torch.Tensor, tt: torch.Tensor, channels: int = 256,
@@ -456,23 +456,23 @@ class _DualTimeEmbeddingFn(torch.autograd.Function):
         batch, (width, channels) = t.shape[0], w1_1.shape
         w1_1, b1_1, w2_1, b2_1, w1_2, b1_2, w2_2, b2_2 = (
             w.contiguous() for w in (w1_1, b1_1, w2_1, b2_1, w1_2, b1_2, w2_2, b2_2))
-        tiles = _tiles(batch, width, channels)
+        tiles = _tiles(batch, width, channels, _sm_count(t.device))
         needs_grad = any(ctx.needs_input_grad[2:10])
         dev = t.device
         proj = torch.empty((2, batch, channels), dtype=dtype, device=dev)
         h = torch.empty((2, batch, width), dtype=dtype, device=dev)
         pre = torch.empty((2, batch, width), dtype=dtype, device=dev) if needs_grad else h
         out = torch.empty((batch, width), dtype=dtype, device=dev)
-        rows = triton.cdiv(batch, tiles.b)
-        cols = triton.cdiv(width, tiles.n)
+        rows = cdiv(batch, tiles.b)
+        cols = cdiv(width, tiles.n)
 
         _launch_sinusoid(kernels, t, tt, proj)
         kernels.linear1_silu[(rows, cols, 2)](
             proj, w1_1, w1_2, b1_1, b1_2, pre, h, batch, width, channels,
             STORE_PRE=needs_grad, BLOCK_B=tiles.b, BLOCK_N=tiles.n, BLOCK_K=tiles.c)
-        kernels.linear2_combine[(rows, cols)](
+        kernels.linear2_combine[(rows, cdiv(width, tiles.n2))](
             h, w2_1, w2_2, b2_1, b2_2, t, tt, t.stride(0), tt.stride(0), out, batch, width,
-            BLOCK_B=tiles.b, BLOCK_N=tiles.n, BLOCK_K=tiles.n)
+            BLOCK_B=tiles.b, BLOCK_N=tiles.n2, BLOCK_K=tiles.n)
         if needs_grad:
             ctx.save_for_backward(t, tt, w2_1, w2_2, proj, pre, h)
         return out
@@ -485,8 +485,8 @@ class _DualTimeEmbeddingFn(torch.autograd.Function):
         dtype = h.dtype
         g = grad_out.to(dtype).contiguous()
         tiles = _tiles(batch, width, channels)
-        rows = triton.cdiv(batch, tiles.b)
-        cols = triton.cdiv(width, tiles.n)
+        rows = cdiv(batch, tiles.b)
+        cols = cdiv(width, tiles.n)
         wants = dict(zip(_WEIGHT_NAMES, ctx.needs_input_grad[2:10]))
         dev = t.device
         grads: dict[str, torch.Tensor] = {}
@@ -506,7 +506,7 @@ class _DualTimeEmbeddingFn(torch.autograd.Function):
                 BLOCK_B=tiles.b, BLOCK_M=tiles.n, BLOCK_K=tiles.n)
             dw1 = torch.empty((2, width, channels), dtype=dtype, device=dev)
             db1 = torch.empty((2, width), dtype=dtype, device=dev)
-            kernels.weight_grad[(cols, triton.cdiv(channels, tiles.c), 2)](
+            kernels.weight_grad[(cols, cdiv(channels, tiles.c), 2)](
                 da, batch * width, proj, t, tt, t.stride(0), tt.stride(0), dw1, db1, batch, width, channels,
                 SCALE_GROUP1=False, BLOCK_N=tiles.n, BLOCK_M=tiles.c, BLOCK_B=tiles.b)
             grads.update(w1_1=dw1[0], b1_1=db1[0], w1_2=dw1[1], b1_2=db1[1])
@@ -520,8 +520,8 @@ def dual_time_embedding_triton(t: torch.Tensor, tt: torch.Tensor,
                                dtype: torch.dtype) -> torch.Tensor:
     """The Triton path with the reference's signature (differentiable in the 8 weight tensors)."""
     weights = (w1_1, b1_1, w2_1, b2_1, w1_2, b1_2, w2_2, b2_2)
-    _validate(t, tt, weights, dtype)
-    use_triton(t, tt, *weights, backend="triton")  # raises a KernelBackendError when it cannot run
+    _validate_cached(t, tt, weights, dtype)
+    use_triton(t, tt, backend="triton")  # raises a KernelBackendError when it cannot run
     if dtype not in _KERNEL_DTYPES:
         raise KernelBackendError(f"the Triton dual-time embedding supports {_KERNEL_DTYPES}, got {dtype}")
     if t.requires_grad or tt.requires_grad:
@@ -562,12 +562,44 @@ def embedder_weights(embed: nn.Module, name: str = "embedder") -> tuple[torch.Te
     return lin1.weight, lin1.bias, lin2.weight, lin2.bias
 
 
+_checked_embedders: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _structure(embed: nn.Module) -> Optional[tuple]:
+    """The objects :func:`embedder_weights` inspects, read from the modules' registries (dict look-ups,
+    ~1 us): any replaced submodule or parameter gives a different tuple. None when one is missing."""
+    try:
+        proj, emb = embed._modules["time_proj"], embed._modules["timestep_embedder"]
+        sub = emb._modules
+        lin1, lin2 = sub["linear_1"], sub["linear_2"]
+        return (proj, emb, lin1, lin2, sub.get("act"), sub.get("cond_proj"), sub.get("post_act"),
+                proj.num_channels, proj.flip_sin_to_cos, proj.downscale_freq_shift, proj.scale,
+                *lin1._parameters.values(), *lin2._parameters.values())
+    except (AttributeError, KeyError, TypeError):
+        return None
+
+
+def _embedder_weights_cached(embed: nn.Module, name: str) -> tuple[torch.Tensor, ...]:
+    """:func:`embedder_weights`, checked once per embedder and again whenever one of the objects it
+    inspects (submodules, parameters, Timesteps configuration) was replaced. The cache holds the
+    embedder weakly; the objects are compared by identity (the cached tuple keeps them alive, so an
+    ``is`` match is never a recycled object)."""
+    structure = _structure(embed)
+    cached = _checked_embedders.get(embed) if structure is not None else None
+    if cached is not None and len(cached[0]) == len(structure) and all(map(operator.is_, cached[0], structure)):
+        return cached[1]
+    weights = embedder_weights(embed, name)
+    if structure is not None:
+        _checked_embedders[embed] = (structure, weights)
+    return weights
+
+
 def dual_time_embedding(t: torch.Tensor, tt: torch.Tensor, embed_1: nn.Module, embed_2: nn.Module,
                         dtype: torch.dtype, backend: str = "auto") -> torch.Tensor:
     """``E1(t) + E2(tt) * (t - tt)`` from two ``QwenTimestepProjEmbeddings`` (``backend``: "triton",
     "eager" or "auto", see ``twinflow.kernels._common``). Reads the weights directly: under ZeRO-3 use
     :class:`DualTimestepEmbedding`, which makes DeepSpeed gather them."""
-    weights = embedder_weights(embed_1, "embed_1") + embedder_weights(embed_2, "embed_2")
+    weights = _embedder_weights_cached(embed_1, "embed_1") + _embedder_weights_cached(embed_2, "embed_2")
     if backend == "triton" or (use_triton(t, tt, *weights, backend=backend) and dtype in _KERNEL_DTYPES
                                and not (t.requires_grad or tt.requires_grad)):
         return dual_time_embedding_triton(t, tt, *weights, dtype)
@@ -605,8 +637,10 @@ class DualTimestepEmbedding(nn.Module):
     def _pre_forward(module: "DualTimestepEmbedding", args: tuple) -> None:
         module._register_partitioned_parameters()
 
-    def _parameters_read(self) -> list[nn.Parameter]:
-        return [p for e in self._embedders for p in e.timestep_embedder.parameters()]
+    def _parameters_read(self) -> tuple[nn.Parameter, ...]:
+        """The 8 weights and biases the forward reads (cheap: see :func:`_embedder_weights_cached`)."""
+        embed_1, embed_2 = self._embedders
+        return _embedder_weights_cached(embed_1, "embed_1") + _embedder_weights_cached(embed_2, "embed_2")
 
     def _register_partitioned_parameters(self) -> None:
         """Register ZeRO-3 partitioned embedder weights as external parameters of this module."""

@@ -39,10 +39,12 @@ in the eager reference (kernels are compiled without FMA contraction): the RCGM 
 ``F (t - tt) - acc`` would already move ``d`` by about 1e-5. Rows a branch does not use are masked out of
 the loads and every branch is a select, so NaN/inf in unread rows (e.g. ``v_c`` of unguided rows, or
 ``rcgm_acc`` of adv rows) never reaches a result, and the short RCGM branch never divides (no NaN when
-``t == tt``). ``tan`` and ``pow`` come from libdevice on GPUs (the CUDA math library torch uses); the CPU
+``t == tt``). Divisions are IEEE round-to-nearest (``tl.math.div_rn``; Triton's ``/`` is approximate on
+GPUs). ``tan`` and ``pow`` come from libdevice on GPUs (the CUDA math library torch uses); the CPU
 interpreter has no libdevice, so there ``tan = sin / cos`` and ``pow = exp2(p log2 x)`` (numpy float32,
-within a few ulp of torch). The interpreter also truncates fp32 -> bf16 casts; the gradient store rounds
-to nearest even with integer ops there, as the GPU's native cast does.
+within a few ulp of torch), and it truncates fp32 -> bf16 casts, so the gradient store rounds to nearest
+even with integer ops there, as the GPU's native cast does (``kernels/_common.py`` holds these
+substitutes, the only code that differs between the two modes).
 
 Layout: each input is viewed as (rows, n) with ``reshape``; the kernels take a row stride and need unit
 stride inside a row. Row-strided views (a slice of a larger batch, or ``x[:, :k]`` of a 2-D tensor) are
@@ -60,11 +62,10 @@ import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
-from triton.language.extra import libdevice
 
 from twinflow.method.loss_math import LossArithmetic, twinflow_loss_reference
 
-from ._common import interpreter_enabled, use_triton
+from ._common import cdiv, interpreter_enabled, jit_kernels, next_power_of_2, use_triton
 
 __all__ = ["twinflow_loss"]
 
@@ -83,8 +84,9 @@ _BARRON = 2
 # --------------------------------------------------------------------------------------------------
 # Kernel bodies. They are decorated by `_kernels()` on first use rather than at import: triton.jit
 # picks compiled or interpreted mode from TRITON_INTERPRET when it runs, and importing this module early
-# (the objective does) must not freeze that choice. `INTERPRETED` selects the interpreter's substitutes
-# for libdevice and for the bf16 cast (see the module docstring).
+# (the objective does) must not freeze that choice. `_common.jit_kernels` binds `_cast`, `_tan`, `_pow`
+# to libdevice / the native cast on GPUs and to the interpreter's substitutes on CPU (see _common.py).
+# Divisions use `tl.math.div_rn`: a bare `/` is the approximate div.full.f32 on GPUs.
 # --------------------------------------------------------------------------------------------------
 def _rows_body(
     F, T, VC, VU, ACC, RD, t_ptr, tt_ptr, adv_ptr,
@@ -127,7 +129,7 @@ def _rows_body(
         acc_mask = tl.where(not_adv, mask, False)
         acc = tl.load(ACC + row64 * stride_acc + cols, mask=acc_mask, other=0.0).to(tl.float32)
         gap = t - tt
-        long = (f * gap - acc - delta * y) / delta
+        long = tl.math.div_rn(f * gap - acc - delta * y, delta)
         d = tl.where(gap >= delta, long, f - y)
         d = tl.minimum(tl.maximum(d, -1.0), 1.0)
         y = tl.where(not_adv, f - d, y)
@@ -152,7 +154,7 @@ def _rows_body(
 def _epilogue_body(
     part_ptr, t_ptr, tt_ptr, adv_ptr, sel_ptr, base_ptr, rect_ptr, coef_ptr,
     B, E, n_blocks, n_f, e_f, c, alpha_gap, exponent, c2_eps, dist_match_cof, time_angle,
-    LOSS: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
+    LOSS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Per-row sums, weights and means (one program). Writes both losses and the 2 x B coefficients."""
     rows = tl.arange(0, BLOCK_B)
@@ -168,8 +170,8 @@ def _epilogue_body(
 
     # §3.10 per-row loss of the MSE m: l2 -> m; Barron -> m * w / c with the detached weight w, so the
     # loss weight (dloss/dm as autograd sees it) is w / c.
-    mse = sse / n_f
-    mse_rect = sse_rect / n_f
+    mse = tl.math.div_rn(sse, n_f)
+    mse_rect = tl.math.div_rn(sse_rect, n_f)
     if LOSS == 0:
         w_loss = tl.full([BLOCK_B], 1.0, dtype=tl.float32)
         w_rect = w_loss
@@ -180,43 +182,37 @@ def _epilogue_body(
             w = tl.full([BLOCK_B], 1.0, dtype=tl.float32)
             w_r = w
         else:
-            base_pow = mse / c2_eps / alpha_gap + 1.0
-            base_pow_r = mse_rect / c2_eps / alpha_gap + 1.0
-            if INTERPRETED:
-                w = tl.exp2(exponent * tl.log2(base_pow))
-                w_r = tl.exp2(exponent * tl.log2(base_pow_r))
-            else:
-                w = libdevice.pow(base_pow, exponent)
-                w_r = libdevice.pow(base_pow_r, exponent)
-        loss = mse * w / c
-        loss_rect = mse_rect * w_r / c
-        w_loss = w / c
-        w_rect = w_r / c
+            base_pow = tl.math.div_rn(tl.math.div_rn(mse, c2_eps), alpha_gap) + 1.0
+            base_pow_r = tl.math.div_rn(tl.math.div_rn(mse_rect, c2_eps), alpha_gap) + 1.0
+            w = _pow(base_pow, exponent)
+            w_r = _pow(base_pow_r, exponent)
+        loss = tl.math.div_rn(mse * w, c)
+        loss_rect = tl.math.div_rn(mse_rect * w_r, c)
+        w_loss = tl.math.div_rn(w, c)
+        w_rect = tl.math.div_rn(w_r, c)
 
     # §3.8 time weight tan((1 - (|t| - |tt|)) pi / 2.5) + 1, and 1 on adv rows.
     t = tl.load(t_ptr + rows, mask=row_mask, other=0.0)
     tt = tl.load(tt_ptr + rows, mask=row_mask, other=0.0)
     angle = (1.0 - (tl.abs(t) - tl.abs(tt))) * time_angle
-    if INTERPRETED:
-        tan = tl.sin(angle) / tl.cos(angle)
-    else:
-        tan = libdevice.tan(angle)
+    tan = _tan(angle)
     adv = tl.load(adv_ptr + rows, mask=row_mask, other=0) != 0
     w_time = tl.where(adv, 1.0, tan + 1.0)
 
     selected = (tl.load(sel_ptr + rows, mask=row_mask, other=0) != 0) & row_mask
     count = tl.maximum(tl.sum(selected.to(tl.float32), axis=0), 1.0)
-    tl.store(base_ptr, tl.sum(tl.where(selected, loss * w_time, 0.0), axis=0) / count)
+    tl.store(base_ptr, tl.math.div_rn(tl.sum(tl.where(selected, loss * w_time, 0.0), axis=0), count))
     is_e2e = rows < E
-    tl.store(rect_ptr, tl.sum(tl.where(is_e2e, loss_rect, 0.0), axis=0) / e_f * dist_match_cof)
-    tl.store(coef_ptr + rows, tl.where(selected, w_time * w_loss, 0.0) * (2.0 / n_f) / count, mask=row_mask)
-    tl.store(coef_ptr + B + rows, tl.where(is_e2e, w_rect, 0.0) * (2.0 / n_f) * (dist_match_cof / e_f),
-             mask=row_mask)
+    tl.store(rect_ptr, tl.math.div_rn(tl.sum(tl.where(is_e2e, loss_rect, 0.0), axis=0), e_f) * dist_match_cof)
+    a_row = tl.math.div_rn(tl.math.div_rn(tl.where(selected, w_time * w_loss, 0.0) * 2.0, n_f), count)
+    b_row = tl.math.div_rn(tl.math.div_rn(tl.where(is_e2e, w_rect, 0.0) * 2.0, n_f) * dist_match_cof, e_f)
+    tl.store(coef_ptr + rows, a_row, mask=row_mask)
+    tl.store(coef_ptr + B + rows, b_row, mask=row_mask)
 
 
 def _grad_body(
     res_ptr, rres_ptr, coef_ptr, g_base_ptr, g_rect_ptr, dF_ptr, B, E, n,
-    HAS_RECT: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RECT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """dF = g_base * a_row * (F - y) + g_rect * b_row * (F - y_rect), in dF's dtype."""
     blk = tl.program_id(0)
@@ -230,14 +226,7 @@ def _grad_body(
         if row < E:
             b = tl.load(coef_ptr + B + row) * tl.load(g_rect_ptr).to(tl.float32)
             g += b * tl.load(rres_ptr + row64 * n + cols, mask=mask, other=0.0)
-    out_ty = dF_ptr.dtype.element_ty
-    out = g.to(out_ty)
-    if INTERPRETED:
-        if out_ty == tl.bfloat16:
-            bits = g.to(tl.uint32, bitcast=True)
-            bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    tl.store(dF_ptr + row64 * n + cols, out, mask=mask)
+    tl.store(dF_ptr + row64 * n + cols, _cast(g, dF_ptr.dtype.element_ty), mask=mask)
 
 
 class _Kernels(NamedTuple):
@@ -251,7 +240,7 @@ class _Kernels(NamedTuple):
 @functools.cache
 def _kernels(interpreted: bool) -> _Kernels:
     """The jitted kernels; ``interpreted`` must equal TRITON_INTERPRET now (triton.jit reads it)."""
-    return _Kernels(triton.jit(_rows_body), triton.jit(_epilogue_body), triton.jit(_grad_body))
+    return _Kernels(*jit_kernels((_rows_body, _epilogue_body, _grad_body), interpreted, globals()))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,7 +261,7 @@ def _row_stride(x: Optional[torch.Tensor]) -> int:
 
 def _block(n: int) -> int:
     """Columns per program: the row rounded up to a power of two, between 16 and ``_MAX_BLOCK``."""
-    return max(16, min(_MAX_BLOCK, triton.next_power_of_2(n)))
+    return max(16, min(_MAX_BLOCK, next_power_of_2(n)))
 
 
 def _num_warps(block: int) -> int:
@@ -359,7 +348,7 @@ def _forward(
     device = F.device
     f32 = dict(dtype=torch.float32, device=device)
     block = _block(n)
-    n_blocks = triton.cdiv(n, block)
+    n_blocks = cdiv(n, block)
     partials = torch.empty(B, n_blocks, 2, **f32)
     res = torch.empty(B, n, **f32) if save_residuals else None
     rres = torch.empty(E, n, **f32) if save_residuals and E else None
@@ -368,8 +357,8 @@ def _forward(
 
     r0, r1 = arith.enhanced_range
     loss_cfg = arith.loss
-    block_b = max(16, triton.next_power_of_2(B))
-    block_p = max(1, min(triton.next_power_of_2(n_blocks), _EPILOGUE_TILE // block_b))
+    block_b = max(16, next_power_of_2(B))
+    block_p = max(1, min(next_power_of_2(n_blocks), _EPILOGUE_TILE // block_b))
     interpreted = interpreter_enabled()
     kernels = _kernels(interpreted)
     dummy = partials  # any tensor: a pointer argument whose loads/stores are compiled out
@@ -388,7 +377,7 @@ def _forward(
             partials, t32, tt32, adv8, sel8, base, rect, coef,
             B, E, n_blocks, float(n), float(max(E, 1)), float(loss_cfg.c), abs(loss_cfg.alpha - 2.0), (loss_cfg.alpha - 2.0) / 2.0,
             loss_cfg.c * loss_cfg.c + 1e-8, float(arith.dist_match_cof), math.pi / 2.5,
-            LOSS=_loss_mode(arith), INTERPRETED=interpreted, BLOCK_B=block_b, BLOCK_P=block_p, num_warps=4,
+            LOSS=_loss_mode(arith), BLOCK_B=block_b, BLOCK_P=block_p, num_warps=4,
             enable_fp_fusion=False,
         )
     return _Forward(base, rect, coef, res, rres)
@@ -408,9 +397,9 @@ def _grad(fwd_coef: torch.Tensor, res: torch.Tensor, rres: Optional[torch.Tensor
     block = _block(n)
     interpreted = interpreter_enabled()
     with torch.cuda.device(res.device) if res.device.type == "cuda" else nullcontext():
-        _kernels(interpreted).grad[(triton.cdiv(n, block), B)](
+        _kernels(interpreted).grad[(cdiv(n, block), B)](
             res, _or(rres, res), fwd_coef, g_base.float().contiguous(), g_rect.float().contiguous(), dF,
-            B, E, n, HAS_RECT=E > 0, INTERPRETED=interpreted, BLOCK=block, num_warps=_num_warps(block),
+            B, E, n, HAS_RECT=E > 0, BLOCK=block, num_warps=_num_warps(block),
             enable_fp_fusion=False,
         )
     return dF

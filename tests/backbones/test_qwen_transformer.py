@@ -152,8 +152,41 @@ def test_config_validation():
         model(timestep=torch.zeros(3), target_timestep=torch.zeros(2), **inputs())
 
 
+def _embedding_error_bound(embedder, time: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(E(time), bound)``: a bound on |kernel - eager| for one float32 ``QwenTimestepProjEmbeddings``.
+
+    Both implementations compute the same float32 dot products in different orders (torch's matmul
+    vs the kernel's tl.dot tiles). A K-term float32 dot product plus bias, in any order, is within
+    ``K eps sum_i |a_i b_i|`` of the exact value (eps = 2**-24, K additions each rounding once;
+    first-order bound, K eps << 1), so two orders differ by at most twice that. Error sources, in order:
+    sinusoid (numpy vs torch / libdevice sin, cos: <= 2 ulp of values <= 1, so <= 2 eps each),
+    Linear1 (K = C + 1), SiLU (Lipschitz <= 1.1, plus one rounding of each side), Linear2 (K = D + 1,
+    and the Linear1 error carried through |W2|)."""
+    from twinflow.kernels.dual_time_embedding import timestep_sinusoid
+
+    eps = 2.0**-24
+    w1, b1 = embedder.timestep_embedder.linear_1.weight, embedder.timestep_embedder.linear_1.bias
+    w2, b2 = embedder.timestep_embedder.linear_2.weight, embedder.timestep_embedder.linear_2.bias
+    x = timestep_sinusoid(time.float(), w1.shape[1])
+    h = torch.nn.functional.silu(x @ w1.T + b1)
+    d_pre = 2 * (w1.shape[1] + 1) * eps * (x.abs() @ w1.abs().T + b1.abs()) + 2 * eps * (w1.abs().sum(1) * 2)
+    d_h = 1.1 * d_pre + 2 * eps * h.abs()
+    d_e = 2 * (w2.shape[1] + 1) * eps * (h.abs() @ w2.abs().T + b2.abs()) + d_h @ w2.abs().T
+    return h @ w2.T + b2, d_e
+
+
 @torch.no_grad()
 def test_triton_kernels_match_eager():
+    """The fused dual-time embedding inside the transformer (issue 11 item 4).
+
+    The fused and eager outputs differ in float32 by up to ~3e-5 (max |out| ~ 38) at this size, and by
+    whatever the platform's summation orders give elsewhere, so a fixed tolerance on the output was
+    never derived from anything (atol 1e-5 failed with today's versions, issue 11). The gap is
+    accumulation order, not a kernel error: (1) given the same time embedding, the transformer's output
+    is bitwise the same, so the whole difference enters through the embedding; (2) the embedding
+    differs from eager by less than the rounding bound of its dot products (_embedding_error_bound:
+    measured <= 4e-4 of the bound, max |diff| ~ 8e-6 of values up to 20). A wrong weight, a missing
+    bias or a dropped term moves the embedding by O(|E|), thousands of times the bound."""
     pytest.importorskip("twinflow.kernels.dual_time_embedding", reason="kernels/dual_time_embedding.py not written yet")
     from twinflow.kernels._common import interpreter_enabled
 
@@ -165,5 +198,25 @@ def test_triton_kernels_match_eager():
     assert set(fused.state_dict()) == set(eager.state_dict())
     t, kw = signed_times(), inputs()
     tt = t * torch.tensor([0.5, 1.0, 0.0])
-    torch.testing.assert_close(fused(timestep=t, target_timestep=tt, **kw)[0],
-                               eager(timestep=t, target_timestep=tt, **kw)[0], rtol=1e-5, atol=1e-5)
+    captured = {}
+
+    def capture(model, name):
+        real = model._dual_time_embedding
+        model._dual_time_embedding = lambda *a: captured.setdefault(name, real(*a))
+
+    capture(eager, "eager")
+    capture(fused, "fused")
+    out_fused = fused(timestep=t, target_timestep=tt, **kw)[0]
+    eager(timestep=t, target_timestep=tt, **kw)
+    temb_eager, temb_fused = captured["eager"], captured["fused"]
+    # (1) Everything after the embedding is the same computation.
+    eager._dual_time_embedding = lambda *a: temb_fused
+    assert torch.equal(eager(timestep=t, target_timestep=tt, **kw)[0], out_fused)
+    # (2) The embedding: E1(t) + E2(tt) (t - tt), each term within its bound, plus the combine's
+    # roundings (a product and a sum, both sides: 4 eps of the terms' magnitudes).
+    e1, bound1 = _embedding_error_bound(eager.time_text_embed, t)
+    e2, bound2 = _embedding_error_bound(eager.time_text_embed_2, tt)
+    delta = (t - tt).abs()[:, None]
+    bound = bound1 + bound2 * delta + 4 * 2.0**-24 * (e1.abs() + (e2 * delta).abs())
+    assert temb_fused.shape == temb_eager.shape == bound.shape
+    assert ((temb_fused - temb_eager).abs() <= bound).all()

@@ -132,6 +132,18 @@ def test_forward_matches_reference(device, batch, width, dtype, poisoned_allocat
     assert rel_err(out, ref) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("batch", [1, 4, 16, 64])
+def test_combine_grid_covers_every_sm_at_qwen_width(batch):
+    """Issue 12 item 7: the Linear2 + combine launch at D = 3072 has at least one program per SM of
+    an H200 (132), and its reduction step (hence the summation order) does not depend on the SMs."""
+    from twinflow.kernels.dual_time_embedding import _tiles
+
+    tiles = _tiles(batch, 3072, 256, 132)
+    programs = -(-batch // tiles.b) * -(-3072 // tiles.n2)
+    assert programs >= 132, tiles
+    assert tiles.n == _tiles(batch, 3072, 256, 1).n == 64
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", [1, 7, 64])
@@ -302,6 +314,37 @@ def test_lora_wrapped_embedder_is_refused():
     inject_adapter_in_model(LoraConfig(r=2, target_modules=["linear_1"]), e2)
     with pytest.raises(TypeError, match=r"embed_2\.timestep_embedder\.linear_1 .*not a plain nn.Linear"):
         DualTimestepEmbedding(e1, e2, backend="triton")
+
+
+def test_weights_are_checked_once_and_changes_are_detected(monkeypatch):
+    """Host path (issue 12 item 5): the full weight validation and the embedder inspection run once
+    for a pair of embedders; a weight re-typed or reshaped, or a Linear replaced (LoRA injected), after
+    the first call is still caught on the next call."""
+    import twinflow.kernels.dual_time_embedding as dte
+    from peft import LoraConfig, inject_adapter_in_model
+
+    checks = []
+    real_validate, real_weights = dte._validate, dte.embedder_weights
+    monkeypatch.setattr(dte, "_validate", lambda *a: checks.append("validate") or real_validate(*a))
+    monkeypatch.setattr(dte, "embedder_weights", lambda *a: checks.append("embedder") or real_weights(*a))
+    e1, e2 = make_embedders(32, torch.float32, "cpu", seed=11)
+    t, tt = make_times(3, "cpu")
+    first = dual_time_embedding(t, tt, e1, e2, torch.float32, backend="triton")
+    for _ in range(3):
+        assert torch.equal(dual_time_embedding(t, tt, e1, e2, torch.float32, backend="triton"), first)
+    assert checks.count("validate") == 1 and checks.count("embedder") == 2
+    lin2 = e1.timestep_embedder.linear_2
+    lin2.weight.data = lin2.weight.data.to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"w2_1 is torch.bfloat16 but the embedding dtype is torch.float32"):
+        dual_time_embedding(t, tt, e1, e2, torch.float32, backend="triton")
+    lin2.weight.data = torch.zeros(32, 16)
+    with pytest.raises(ValueError, match=r"w2_1 has shape \(32, 16\), expected \(32, 32\)"):
+        dual_time_embedding(t, tt, e1, e2, torch.float32, backend="triton")
+    lin2.weight.data = torch.randn(32, 32)
+    dual_time_embedding(t, tt, e1, e2, torch.float32, backend="triton")
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["linear_1"]), e2)
+    with pytest.raises(TypeError, match=r"embed_2\.timestep_embedder\.linear_1 .*not a plain nn.Linear"):
+        dual_time_embedding(t, tt, e1, e2, torch.float32, backend="triton")
 
 
 def test_backend_selection(monkeypatch):

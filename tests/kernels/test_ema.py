@@ -323,3 +323,119 @@ def test_rejected_update_does_not_advance_the_schedule():
         averager.update([torch.zeros(3)])
     assert averager.state_dict()["num_updates"] == 0
     assert averager.update([torch.ones(2)]) == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Host path: validate once, then compare a fingerprint and launch (issue 12 item 5)
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def validations(monkeypatch):
+    """Counts full validations (each one checks every source tensor)."""
+    calls = []
+    real = ema_mod._check_sources
+    monkeypatch.setattr(ema_mod, "_check_sources", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def test_steady_state_calls_validate_once(device, validations, launches):
+    ema = [randn((9,), device=device, seed=1), randn((4, 4), device=device, seed=2)]
+    src = [randn((9,), torch.bfloat16, device=device, seed=3), randn((4, 4), device=device, seed=4)]
+    shadow = [torch.empty(9, dtype=torch.bfloat16, device=device), torch.empty(4, 4, dtype=torch.float16, device=device)]
+    averager = MultiTensorEMA(ema, EMADecaySchedule(0.9), shadow_tensors=shadow, backend="triton")
+    for _ in range(3):
+        averager.update(src)
+    assert len(validations) == 1
+    ref, ref_shadow = [e.clone() for e in ema], [s.clone() for s in shadow]
+    for step in range(3):  # the functional API: a new list object each call, same tensors
+        ema_update_(list(ema), list(src), 0.5, shadow=list(shadow), backend="triton")
+    assert len(validations) == 2
+    for step in range(3):
+        ema_update_reference_(ref, src, 0.5, ref_shadow)
+    assert len(launches) == 6 + 6  # two dtype groups per update
+    for i in range(2):
+        assert_bitwise_equal(ema[i], ref[i], f"ema[{i}]")
+        assert_bitwise_equal(shadow[i], ref_shadow[i], f"shadow[{i}]")
+
+
+def _swap_storage(t: torch.Tensor) -> None:
+    t.data = t.data.clone()  # same shape and dtype, new storage
+
+
+def _swap_dtype_same_address(t: torch.Tensor) -> None:
+    # A bfloat16 view of the first half of the same memory: same data pointer, new dtype.
+    t.data = t.data.view(torch.bfloat16)[: t.numel()].view(t.shape)
+
+
+def _regrow(t: torch.Tensor) -> None:
+    t.resize_(t.numel() * 64)  # a reallocating resize: same tensor object, new address
+    t.resize_(16)
+
+
+@pytest.mark.parametrize("change", [_swap_storage, _swap_dtype_same_address, _regrow],
+                         ids=["new-storage", "new-dtype-same-address", "reallocating-resize"])
+@pytest.mark.parametrize("which", ["src", "ema"])
+def test_changed_tensor_after_first_call_is_detected(device, validations, change, which):
+    """A tensor whose storage, dtype or size changed between calls is validated again and the update
+    uses its new memory, never the addresses of the first call."""
+    if which == "ema" and change is _swap_dtype_same_address:
+        pytest.skip("an EMA must stay float32 (covered by the rejection test below)")
+    ema = [randn((16,), device=device, seed=1)]
+    src = [randn((16,), device=device, seed=2)]
+    averager = MultiTensorEMA(ema, EMADecaySchedule(0.5), backend="triton")
+    averager.update(src)
+    target = src[0] if which == "src" else ema[0]
+    old_ptr = target.data_ptr()
+    change(target)
+    assert target.data_ptr() != old_ptr or change is _swap_dtype_same_address
+    ref = [ema[0].clone()]
+    decay = averager.schedule.decay
+    averager.update(src)
+    assert len(validations) == 2
+    ema_update_reference_(ref, src, decay)
+    assert_bitwise_equal(ema[0], ref[0], "ema after the change")
+
+
+def test_shrunk_or_retyped_tensor_at_the_same_address_is_rejected(device):
+    """Same data pointer, new element count (a shorter view swapped in): validation names it instead of
+    launching over the old 16 elements. Same for an EMA re-typed in place."""
+    ema = [randn((16,), device=device, seed=1)]
+    src = [randn((16,), device=device, seed=2)]
+    averager = MultiTensorEMA(ema, EMADecaySchedule(0.5), backend="triton")
+    averager.update(src)
+    src[0].data = src[0].data[:8]
+    with pytest.raises(ValueError, match=r"src\[0\] has shape \(8,\) but ema\[0\] has shape \(16,\)"):
+        averager.update(src)
+    src[0].data = randn((16,), device=device, seed=3)
+    averager.update(src)
+    ema[0].data = ema[0].data.view(torch.int32)
+    with pytest.raises(TypeError, match=r"ema\[0\] must be float32"):
+        averager.update(src)
+
+
+def test_round_to_float32_matches_torch():
+    g = torch.Generator().manual_seed(0)
+    values = torch.cat([
+        torch.rand(20000, generator=g, dtype=torch.float64),
+        torch.rand(2000, generator=g, dtype=torch.float64) * 2.0**-120,  # float32 subnormals below 2**-126
+        torch.tensor([0.0, 1.0, 0.5, 2.0**-149, 2.0**-150, 3 * 2.0**-151, 2.0**-126, 1 - 2.0**-60,
+                      1 - 2.0**-25, 1 - 3 * 2.0**-26], dtype=torch.float64),
+    ])
+    # Exact ties between neighbouring float32 values of [0.5, 1) (must round to even).
+    lo = torch.rand(2000, generator=g).clamp_min(0.5)
+    ties = lo.double() + 2.0**-25
+    values = torch.cat([values, ties])
+    got = torch.tensor([ema_mod._round_to_float32(v) for v in values.tolist()], dtype=torch.float64)
+    assert torch.equal(got, values.float().double())
+
+
+def test_eager_reference_traces_without_a_graph_break():
+    """torch.compile of the reference captures one graph (the float32 rounding of 1 - d is host
+    arithmetic, not a tensor .item())."""
+    torch._dynamo.reset()
+    ema = [randn((9,), seed=1), randn((4, 4), seed=2)]
+    src = [randn((9,), torch.bfloat16, seed=3), randn((4, 4), seed=4)]
+    shadow = [torch.empty(9, dtype=torch.bfloat16), torch.empty(4, 4, dtype=torch.bfloat16)]
+    explanation = torch._dynamo.explain(ema_update_reference_)(ema, src, 0.99, shadow)
+    torch._dynamo.reset()
+    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+    assert explanation.graph_count == 1
