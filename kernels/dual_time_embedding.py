@@ -29,6 +29,7 @@ the Triton path rejects them when they require grad instead of silently returnin
 from __future__ import annotations
 
 import functools
+from contextlib import nullcontext
 import math
 import operator
 import weakref
@@ -432,7 +433,8 @@ def timestep_sinusoid_pair_triton(t: torch.Tensor, tt: torch.Tensor, channels: i
     if t.dtype != tt.dtype:
         t, tt = t.float(), tt.float()
     proj = torch.empty((2, t.shape[0], channels), dtype=dtype, device=t.device)
-    _launch_sinusoid(_kernels(interpreter_enabled()), t, tt, proj)
+    with torch.cuda.device(t.device) if t.device.type == "cuda" else nullcontext():
+        _launch_sinusoid(_kernels(interpreter_enabled()), t, tt, proj)
     return proj
 
 
@@ -466,13 +468,15 @@ class _DualTimeEmbeddingFn(torch.autograd.Function):
         rows = cdiv(batch, tiles.b)
         cols = cdiv(width, tiles.n)
 
-        _launch_sinusoid(kernels, t, tt, proj)
-        kernels.linear1_silu[(rows, cols, 2)](
-            proj, w1_1, w1_2, b1_1, b1_2, pre, h, batch, width, channels,
-            STORE_PRE=needs_grad, BLOCK_B=tiles.b, BLOCK_N=tiles.n, BLOCK_K=tiles.c)
-        kernels.linear2_combine[(rows, cdiv(width, tiles.n2))](
-            h, w2_1, w2_2, b2_1, b2_2, t, tt, t.stride(0), tt.stride(0), out, batch, width,
-            BLOCK_B=tiles.b, BLOCK_N=tiles.n2, BLOCK_K=tiles.n)
+        # Triton launches on the current CUDA device: make it the tensors' one (as the loss and EMA do).
+        with torch.cuda.device(dev) if dev.type == "cuda" else nullcontext():
+            _launch_sinusoid(kernels, t, tt, proj)
+            kernels.linear1_silu[(rows, cols, 2)](
+                proj, w1_1, w1_2, b1_1, b1_2, pre, h, batch, width, channels,
+                STORE_PRE=needs_grad, BLOCK_B=tiles.b, BLOCK_N=tiles.n, BLOCK_K=tiles.c)
+            kernels.linear2_combine[(rows, cdiv(width, tiles.n2))](
+                h, w2_1, w2_2, b2_1, b2_2, t, tt, t.stride(0), tt.stride(0), out, batch, width,
+                BLOCK_B=tiles.b, BLOCK_N=tiles.n2, BLOCK_K=tiles.n)
         if needs_grad:
             ctx.save_for_backward(t, tt, w2_1, w2_2, proj, pre, h)
         return out
@@ -482,36 +486,44 @@ class _DualTimeEmbeddingFn(torch.autograd.Function):
         t, tt, w2_1, w2_2, proj, pre, h = ctx.saved_tensors
         kernels = _kernels(interpreter_enabled())
         batch, width, channels = t.shape[0], w2_1.shape[0], proj.shape[2]
-        dtype = h.dtype
-        g = grad_out.to(dtype).contiguous()
+        g = grad_out.to(h.dtype).contiguous()
         tiles = _tiles(batch, width, channels)
-        rows = cdiv(batch, tiles.b)
-        cols = cdiv(width, tiles.n)
         wants = dict(zip(_WEIGHT_NAMES, ctx.needs_input_grad[2:10]))
         dev = t.device
-        grads: dict[str, torch.Tensor] = {}
-
-        if wants["w2_1"] or wants["b2_1"] or wants["w2_2"] or wants["b2_2"]:
-            dw2 = torch.empty((2, width, width), dtype=dtype, device=dev)
-            db2 = torch.empty((2, width), dtype=dtype, device=dev)
-            kernels.weight_grad[(cols, cols, 2)](
-                g, 0, h, t, tt, t.stride(0), tt.stride(0), dw2, db2, batch, width, width,
-                SCALE_GROUP1=True, BLOCK_N=tiles.n, BLOCK_M=tiles.n, BLOCK_B=tiles.b)
-            grads.update(w2_1=dw2[0], b2_1=db2[0], w2_2=dw2[1], b2_2=db2[1])
-
-        if wants["w1_1"] or wants["b1_1"] or wants["w1_2"] or wants["b1_2"]:
-            da = torch.empty((2, batch, width), dtype=dtype, device=dev)
-            kernels.linear2_dgrad_silu[(rows, cols, 2)](
-                g, w2_1, w2_2, pre, t, tt, t.stride(0), tt.stride(0), da, batch, width,
-                BLOCK_B=tiles.b, BLOCK_M=tiles.n, BLOCK_K=tiles.n)
-            dw1 = torch.empty((2, width, channels), dtype=dtype, device=dev)
-            db1 = torch.empty((2, width), dtype=dtype, device=dev)
-            kernels.weight_grad[(cols, cdiv(channels, tiles.c), 2)](
-                da, batch * width, proj, t, tt, t.stride(0), tt.stride(0), dw1, db1, batch, width, channels,
-                SCALE_GROUP1=False, BLOCK_N=tiles.n, BLOCK_M=tiles.c, BLOCK_B=tiles.b)
-            grads.update(w1_1=dw1[0], b1_1=db1[0], w1_2=dw1[1], b1_2=db1[1])
-
+        with torch.cuda.device(dev) if dev.type == "cuda" else nullcontext():
+            grads = _backward_launches(kernels, g, t, tt, w2_1, w2_2, proj, pre, h, tiles, wants)
         return (None, None, *(grads[n] if wants[n] else None for n in _WEIGHT_NAMES), None)
+
+
+def _backward_launches(kernels: "_Kernels", g, t, tt, w2_1, w2_2, proj, pre, h, tiles: "_Tiles",
+                       wants: dict[str, bool]) -> dict[str, torch.Tensor]:
+    """The backward's three launches (see :class:`_DualTimeEmbeddingFn`); the gradients by weight name."""
+    batch, width, channels = t.shape[0], w2_1.shape[0], proj.shape[2]
+    dtype, dev = h.dtype, t.device
+    rows = cdiv(batch, tiles.b)
+    cols = cdiv(width, tiles.n)
+    grads: dict[str, torch.Tensor] = {}
+
+    if wants["w2_1"] or wants["b2_1"] or wants["w2_2"] or wants["b2_2"]:
+        dw2 = torch.empty((2, width, width), dtype=dtype, device=dev)
+        db2 = torch.empty((2, width), dtype=dtype, device=dev)
+        kernels.weight_grad[(cols, cols, 2)](
+            g, 0, h, t, tt, t.stride(0), tt.stride(0), dw2, db2, batch, width, width,
+            SCALE_GROUP1=True, BLOCK_N=tiles.n, BLOCK_M=tiles.n, BLOCK_B=tiles.b)
+        grads.update(w2_1=dw2[0], b2_1=db2[0], w2_2=dw2[1], b2_2=db2[1])
+
+    if wants["w1_1"] or wants["b1_1"] or wants["w1_2"] or wants["b1_2"]:
+        da = torch.empty((2, batch, width), dtype=dtype, device=dev)
+        kernels.linear2_dgrad_silu[(rows, cols, 2)](
+            g, w2_1, w2_2, pre, t, tt, t.stride(0), tt.stride(0), da, batch, width,
+            BLOCK_B=tiles.b, BLOCK_M=tiles.n, BLOCK_K=tiles.n)
+        dw1 = torch.empty((2, width, channels), dtype=dtype, device=dev)
+        db1 = torch.empty((2, width), dtype=dtype, device=dev)
+        kernels.weight_grad[(cols, cdiv(channels, tiles.c), 2)](
+            da, batch * width, proj, t, tt, t.stride(0), tt.stride(0), dw1, db1, batch, width, channels,
+            SCALE_GROUP1=False, BLOCK_N=tiles.n, BLOCK_M=tiles.c, BLOCK_B=tiles.b)
+        grads.update(w1_1=dw1[0], b1_1=db1[0], w1_2=dw1[1], b1_2=db1[1])
+    return grads
 
 
 def dual_time_embedding_triton(t: torch.Tensor, tt: torch.Tensor,

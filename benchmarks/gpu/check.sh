@@ -9,7 +9,9 @@
 # kernels compiles every Triton kernel on the GPU and checks it against eager (the `cuda`-marked tests)
 # train   a tiny 1-GPU ZeRO-3 run with the GPU optimizers: save, kill, resume, equal losses
 #         (benchmarks/gpu/train_check.py)
-# bench   the kernel and end-to-end benchmarks (benchmarks/run_gpu.py), results JSON copied to $OUT
+# bench   the kernel benchmarks (benchmarks/run_gpu.py --only kernels; GPU_CHECK_MATCH=ema/ narrows them),
+#         masked vs packed attention (benchmarks/attention_paths.py), then the end-to-end step; each
+#         results JSON is copied to $OUT when its call ends
 #
 # Each part writes its log to $OUT/<part>.log and one line to $OUT/summary.txt the moment it ends, and is
 # stopped after $GPU_CHECK_PART_SECONDS (default 480): a timeout loses nothing already written.
@@ -20,7 +22,7 @@ cd "$(dirname "$0")/../.."
 ROOT=$PWD
 OUT=${OUT:-$ROOT/gpu_check_out}
 SITE=${GPU_CHECK_SITE:-/tmp/twinflow_gpu_site}
-LIMIT=${GPU_CHECK_PART_SECONDS:-480}
+LIMIT=${GPU_CHECK_PART_SECONDS:-480}  # one part per device call when the lease is short: check.sh train, then kernels, then bench
 DRY=${GPU_CHECK_DRY_RUN:-0}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
@@ -62,9 +64,14 @@ bench() {
     if [ "$DRY" = 1 ]; then
         # Without a GPU the benchmark must refuse (exit 2) with its reason, measuring nothing.
         $PY benchmarks/run_gpu.py; [ $? -eq 2 ]
-    else
-        $PY benchmarks/run_gpu.py
+        return
     fi
+    # Kernels first (each record is written when its call ends), then the attention paths and the step.
+    local rc=0
+    $PY benchmarks/run_gpu.py --only kernels ${GPU_CHECK_MATCH:+--match "$GPU_CHECK_MATCH"} || rc=1
+    $PY benchmarks/attention_paths.py || rc=1
+    $PY benchmarks/run_gpu.py --only e2e || rc=1
+    return $rc
 }
 
 status=0

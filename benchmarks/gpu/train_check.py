@@ -81,8 +81,11 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.time()
             log = work / variant / f"{name}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
+            # cuBLAS picks reduction orders per workspace; a fixed workspace config makes repeated runs
+            # comparable bit for bit. max_abs_diff is recorded beside the strict equality either way.
+            env = {**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
             with open(log, "w") as sink:
-                rc = subprocess.run(cmd, cwd=work, stdout=sink, stderr=subprocess.STDOUT, timeout=420).returncode
+                rc = subprocess.run(cmd, cwd=work, env=env, stdout=sink, stderr=subprocess.STDOUT, timeout=420).returncode
             entry["launches"][name] = {"rc": rc, "seconds": round(time.time() - t0, 1), "log_tail": log.read_text()[-1500:]}
             if name == "killed":
                 entry["latest_after_kill"] = (chain / "checkpoints" / "latest").read_text().strip() \

@@ -180,6 +180,17 @@ def gather_checks(out: Path) -> dict:
             trainer.step_trace.fence = False
             steps = [counter.step() for _ in range(2)]
             results["unfenced"] = {"params": len(counter.numel), "counts": [c.summary() for _, c in steps]}
+            # One rank drops its trace alone (as a step with one forward fewer would): the ranks must agree
+            # to record anew together; without that they call different collectives in reset_step.
+            trainer.step_trace.fence = True
+            coordinator = trainer.step_trace._coordinator
+            complete_before = coordinator.is_complete_trace()
+            if trainer.dist.rank == 1:
+                coordinator._invalidate_trace()
+            steps = [counter.step() for _ in range(3)]
+            results["one_rank_dropped_trace"] = {"complete_before": complete_before,
+                                                 "losses": [r.loss for r, _ in steps],
+                                                 "complete_after": coordinator.is_complete_trace()}
         counter.remove()
         trainer.close()
     return results

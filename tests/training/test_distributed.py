@@ -188,6 +188,15 @@ def test_zero3_gathers_per_step_within_budget_and_every_forward_prefetched(worke
     assert gathers["per_step"]["losses"] == gathers["per_forward"]["losses"]
 
 
+def test_a_trace_dropped_on_one_rank_is_dropped_on_all_and_recorded_again(worker):
+    """Rank 1 alone invalidates its ZeRO-3 trace between steps. Without agreement the ranks would enter
+    DeepSpeed's reset in different modes and call different collectives (a hang under NCCL); with it,
+    both record anew, the steps finish and the trace is complete again."""
+    dropped = worker[0]["gathers"]["one_rank_dropped_trace"]
+    assert dropped["complete_before"] and dropped["complete_after"]
+    assert len(dropped["losses"]) == 3 and all(torch.isfinite(torch.tensor(dropped["losses"])))
+
+
 def test_crash_during_save_keeps_the_previous_checkpoint(chain):
     crash = chain["crash"]
     assert crash["rc"] == SAVE_CRASH_EXIT_STATUS

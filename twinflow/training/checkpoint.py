@@ -190,12 +190,19 @@ def load_zero3_partition_state(optimizer: Any, tensors: dict[str, torch.Tensor],
 
 
 # ------------------------------------------------------------------------------- what may be committed
+NONFINITE_CHECK_SLICE = 1 << 26
+"""Elements checked at a time: ``isfinite`` makes a bool copy, 64 MiB per slice instead of one as large
+as a master sub-group (DeepSpeed's default ``sub_group_size`` is 1e9 elements)."""
+
+
 def first_nonfinite(tensors: dict[str, torch.Tensor]) -> Optional[str]:
     """The name of the first floating-point tensor (in key order) holding a NaN or inf, else None."""
     for key in sorted(tensors):
         t = tensors[key]
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return key
+        if t.is_floating_point() and t.numel():
+            flat = t.detach().reshape(-1)
+            if not all(bool(torch.isfinite(part).all()) for part in flat.split(NONFINITE_CHECK_SLICE)):
+                return key
     return None
 
 
@@ -206,7 +213,11 @@ def refuse_nonfinite(tensors: dict[str, torch.Tensor], step: int) -> None:
     so every rank's error (and the one line rank 0 prints) names the tensor and the rank holding it."""
     import torch.distributed as dist
 
-    bad = first_nonfinite(tensors)
+    try:
+        name = first_nonfinite(tensors)
+        bad = None if name is None else f"tensor {name!r} on rank {{rank}} holds NaN or inf"
+    except Exception as e:  # noqa: BLE001 - e.g. out of memory: still join the agreement below
+        bad = f"checking the tensors on rank {{rank}} failed ({type(e).__name__}: {' '.join(str(e).split())})"
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     nccl = distributed and dist.get_backend() == "nccl"
     device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
@@ -216,8 +227,8 @@ def refuse_nonfinite(tensors: dict[str, torch.Tensor], step: int) -> None:
     if distributed:
         found = [None] * dist.get_world_size()
         dist.all_gather_object(found, bad)
-    rank, name = next((r, n) for r, n in enumerate(found) if n is not None)
-    raise CheckpointError(f"checkpoint of step {step} refused: tensor {name!r} on rank {rank} holds NaN or inf; "
+    rank, finding = next((r, n) for r, n in enumerate(found) if n is not None)
+    raise CheckpointError(f"checkpoint of step {step} refused: {finding.format(rank=rank)}; "
                           "nothing was written and 'latest' is unchanged")
 
 

@@ -62,7 +62,8 @@ class StepTrace:
         offload = getattr(optimizer, "parameter_offload", None)
         hook = getattr(offload, "fwd_pre_hook", None)
         coordinator = offload.get_param_coordinator() if offload is not None else None
-        needed = ("reset_step", "is_record_trace", "is_complete_trace", _COORD + "param_queue", _COORD + "step_id")
+        needed = ("reset_step", "is_record_trace", "is_complete_trace", "is_invalid_trace", "_invalidate_trace",
+                  _COORD + "param_queue", _COORD + "step_id")
         if hook is None or coordinator is None or not all(hasattr(coordinator, n) for n in needed) \
                 or not hasattr(optimizer, "empty_partition_cache"):
             logger.warning("ZeRO-3 step trace unavailable (DeepSpeed internals not found): DeepSpeed resets its "
@@ -94,8 +95,33 @@ class StepTrace:
     def _queue(self) -> Any:
         return getattr(self._coordinator, _COORD + "param_queue")
 
+    def _mode(self) -> int:
+        c = self._coordinator
+        return 2 if c.is_complete_trace() else 1 if c.is_record_trace() else 0
+
+    def _agree_on_the_trace_mode(self) -> None:
+        """Every rank enters ``reset_step`` in the same trace mode, or none keeps its trace.
+
+        DeepSpeed's reset runs collectives (``assert_ints_same_as_other_ranks``) only on ranks whose trace
+        is not complete. With one reset per step a rank's trace can break alone (say, its step ran one
+        forward fewer), and the ranks would then call different collectives and hang. One tiny all-reduce
+        per step finds that; every rank then drops its trace and all record the next one together."""
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        nccl = dist.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        mode = self._mode()
+        span = torch.tensor([mode, -mode], dtype=torch.int32, device=device)
+        dist.all_reduce(span, op=dist.ReduceOp.MAX)
+        if int(span[0]) != -int(span[1]) and not self._coordinator.is_invalid_trace():
+            self._coordinator._invalidate_trace()
+
     def _reset(self) -> None:
         """DeepSpeed's reset, then the fences: recorded ones become valid when the trace completes."""
+        self._agree_on_the_trace_mode()
         was_recording = self._coordinator.is_record_trace()
         self._coordinator.reset_step()
         if self._coordinator.is_record_trace():

@@ -66,10 +66,21 @@ FLASH_BACKENDS = frozenset({"_native_flash", "flash", "_flash_3"})
 
 @functools.cache
 def flash_attn_2_available() -> bool:
-    """Whether diffusers can use the ``flash`` backend (the ``flash_attn`` package imports)."""
+    """Whether the ``flash`` backend can run: flash-attn >= 2.6.3 is installed *and* its CUDA extension
+    imports. diffusers' check reads only the package metadata, so a wheel built for another torch would
+    pass it and fail at the first padded batch (undefined symbol); importing the extension here fails at
+    start-up instead, and the other paths are used."""
     from diffusers.utils import is_flash_attn_available, is_flash_attn_version
 
-    return is_flash_attn_available() and is_flash_attn_version(">=", "2.6.3")
+    if not (is_flash_attn_available() and is_flash_attn_version(">=", "2.6.3")):
+        return False
+    try:
+        importlib.import_module("flash_attn_2_cuda")
+        from flash_attn import flash_attn_varlen_func  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - ImportError, OSError (undefined symbol), ...
+        logger.warning("flash-attn is installed but does not import (%s: %s); not using it", type(e).__name__, e)
+        return False
+    return True
 
 
 @functools.cache
