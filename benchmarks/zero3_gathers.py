@@ -11,14 +11,18 @@ had, and the budget ``(forwards + 1) x parameters`` (one gather per forward plus
 ``--per-pass`` adds the breakdown by pass (``3:guidance`` is the step's third forward). The tiny config
 keeps every parameter persistent (DeepSpeed's default ``stage3_param_persistence_threshold`` exceeds
 each of its tensors); pass ``"deepspeed.extra={zero_optimization: {stage3_param_persistence_threshold: 0}}"``
-to see the per-module gathers a large model has. Counting is in :mod:`twinflow.training.gather_count`.
+to see the per-module gathers a large model has. Counting is in :mod:`benchmarks.gather_count`.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 class _NullLogger:
@@ -45,8 +49,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
+    from benchmarks.gather_count import GatherCounter
     from twinflow.training.config import load_train_config
-    from twinflow.training.gather_count import GatherCounter
     from twinflow.training.trainer import Trainer
 
     out = tempfile.mkdtemp(prefix="zero3_gathers_")

@@ -163,8 +163,11 @@ def gather_checks(out: Path) -> dict:
     """ZeRO-3 all-gathers per optimizer step of the full TwinFlow step (6 forwards + backward), counted with
     :class:`GatherCounter`: DeepSpeed's per-forward trace (``per_forward``) against the per-step trace
     (``per_step``), then the per-step trace with its prefetch fences off (``unfenced``, negative control)."""
+    import sys
+
+    sys.path.insert(0, str(CONFIGS.parent))  # the repository root: the counter lives in benchmarks/
+    from benchmarks.gather_count import GatherCounter
     from twinflow.training.config import load_train_config
-    from twinflow.training.gather_count import GatherCounter
     from twinflow.training.trainer import Trainer
 
     results: dict = {}

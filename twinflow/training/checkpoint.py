@@ -49,7 +49,7 @@ from safetensors.torch import load_file, save_file
 
 from twinflow.utils.atomic_files import atomic_write_text, fsync_path, write_json_durable
 
-from .distributed import all_ranks_agree, any_rank
+from .distributed import all_ranks_agree, any_rank, collective_device
 
 FORMAT = "twinflow-zero3-checkpoint"
 VERSION = 1
@@ -219,9 +219,7 @@ def refuse_nonfinite(tensors: dict[str, torch.Tensor], step: int) -> None:
     except Exception as e:  # noqa: BLE001 - e.g. out of memory: still join the agreement below
         bad = f"checking the tensors on rank {{rank}} failed ({type(e).__name__}: {' '.join(str(e).split())})"
     distributed = dist.is_initialized() and dist.get_world_size() > 1
-    nccl = distributed and dist.get_backend() == "nccl"
-    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    if not any_rank(bad is not None, device):
+    if not any_rank(bad is not None, collective_device()):
         return
     found = [bad]
     if distributed:

@@ -68,6 +68,15 @@ def init_distributed(backend: str = "auto") -> DistInfo:
     return DistInfo(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=device)
 
 
+def collective_device() -> torch.device:
+    """Where a small tensor for a collective must live: the current CUDA device under NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if ``flag`` is true on at least one rank (one tiny all-reduce)."""
     import torch.distributed as dist
@@ -146,8 +155,7 @@ class all_ranks_agree:
                 raise error
             return False
         world = dist.get_world_size()
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        first = torch.tensor([dist.get_rank() if error is not None else world], device=device)
+        first = torch.tensor([dist.get_rank() if error is not None else world], device=collective_device())
         dist.all_reduce(first, op=dist.ReduceOp.MIN)
         failed = int(first.item())
         if failed == world:

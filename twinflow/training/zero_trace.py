@@ -111,10 +111,10 @@ class StepTrace:
 
         if not (dist.is_initialized() and dist.get_world_size() > 1):
             return
-        nccl = dist.get_backend() == "nccl"
-        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        from .distributed import collective_device
+
         mode = self._mode()
-        span = torch.tensor([mode, -mode], dtype=torch.int32, device=device)
+        span = torch.tensor([mode, -mode], dtype=torch.int32, device=collective_device())
         dist.all_reduce(span, op=dist.ReduceOp.MAX)
         if int(span[0]) != -int(span[1]) and not self._coordinator.is_invalid_trace():
             self._coordinator._invalidate_trace()
