@@ -66,17 +66,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _report(e, EXIT_USER_ERROR)
     from twinflow.training.trainer import NonFiniteTrainingError, Trainer
 
+    from twinflow.training.distributed import shutdown_distributed
+
     try:
-        trainer = Trainer(config)
-    except _user_errors() as e:
-        return _report(e, EXIT_USER_ERROR)
-    try:
-        trainer.train()
-    except (*_user_errors(), NonFiniteTrainingError) as e:
-        return _report(e, EXIT_RUN_FAILED)
+        try:
+            trainer = Trainer(config)
+        except _user_errors() as e:
+            return _report(e, EXIT_USER_ERROR)
+        try:
+            trainer.train()
+        except (*_user_errors(), NonFiniteTrainingError) as e:
+            return _report(e, EXIT_RUN_FAILED)
+        finally:
+            trainer.close()
+        return 0
     finally:
-        trainer.close()
-    return 0
+        shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -68,6 +68,17 @@ def init_distributed(backend: str = "auto") -> DistInfo:
     return DistInfo(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=device)
 
 
+def shutdown_distributed() -> None:
+    """Destroy the process group at the end of a training process. Left to interpreter teardown, the
+    backend's threads can be destroyed while still joinable: a 2-rank CPU run that had finished training
+    once died that way with SIGABRT ("terminate called without an active exception"), and PyTorch warns
+    about it under NCCL."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def collective_device() -> torch.device:
     """Where a small tensor for a collective must live: the current CUDA device under NCCL, else the CPU."""
     import torch.distributed as dist
