@@ -187,6 +187,17 @@ def jit_kernels(bodies, interpreted: bool, module_globals: dict) -> list:
     suffix = "_interpreted" if interpreted else "_gpu"
     namespace = dict(module_globals)
     for name in HELPERS:
-        fn = globals()[name + suffix]
-        namespace["_" + name] = triton.jit(types.FunctionType(fn.__code__, here, fn.__name__, fn.__defaults__))
-    return [triton.jit(types.FunctionType(body.__code__, namespace, body.__name__)) for body in bodies]
+        namespace["_" + name] = triton.jit(_rebind(globals()[name + suffix], here))
+    return [triton.jit(_rebind(body, namespace)) for body in bodies]
+
+
+def _rebind(fn, namespace: dict):
+    """``fn`` over other globals, with its annotations: triton.jit reads ``tl.constexpr`` from them, and a
+    copy without them compiles in the interpreter but fails at its first GPU launch ("arange's arguments
+    must be of type tl.constexpr"), as the first H200 run of these kernels showed."""
+    copy = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__annotations__ = dict(fn.__annotations__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__qualname__ = fn.__qualname__
+    copy.__doc__ = fn.__doc__
+    return copy

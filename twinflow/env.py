@@ -35,6 +35,9 @@ def import_check() -> dict[str, Any]:
     """Import what a training process imports and report where ``kernels`` and ``twinflow.kernels``
     came from; ``ok`` is false when our folder was imported under the top-level name."""
     from transformers import PreTrainedModel  # noqa: F401  (imports Hugging Face's kernels when installed)
+    # diffusers' LoRA loader imports transformers' hub-kernels integration, which probes the name
+    # ``kernels`` by importing it (transformers < 5.25): the path the first GPU benchmark broke on.
+    import diffusers.loaders.peft  # noqa: F401
 
     import twinflow.kernels.dual_time_embedding as dte
 

@@ -47,6 +47,11 @@ def _compile(kernel, types_by_name: dict, constexprs: dict, **options) -> str:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    # Which parameters are compile-time constants comes from the kernel itself, as when a GPU launches it
+    # (``JITFunction.params``, read from the annotations): naming them here instead once hid kernels that
+    # had lost their ``tl.constexpr`` annotations and failed to compile at their first launch on a GPU.
+    own = {p.name for p in kernel.params if p.is_constexpr}
+    assert own == set(constexprs), f"{kernel.__name__}: the kernel's constexpr parameters are {sorted(own)}"
     signature = {}
     for name in kernel.arg_names:
         signature[name] = "constexpr" if name in constexprs else types_by_name.get(name, "*fp32")
