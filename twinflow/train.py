@@ -84,5 +84,41 @@ def main(argv: Optional[list[str]] = None) -> int:
         shutdown_distributed()
 
 
+def _finish(code: int) -> None:
+    """End a launched rank without interpreter finalization: flush what Python buffers, then
+    ``os._exit``. Training, checkpoints and the process group are done by then. Finalization is where
+    C++ threads left by the collective backends can abort a rank that has finished (PyTorch's own
+    attempt to fix this, pytorch/pytorch#179291, describes gloo worker threads doing so): one CI run saw a
+    2-rank CPU run end with SIGABRT after its last step, with the process group already destroyed. Not
+    reproduced here in 10 launches, so the cause is not proven; ``faulthandler`` (enabled in
+    :func:`_launched`) prints every thread's Python stack if a rank aborts again."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    logging.shutdown()
+    os._exit(code)
+
+
+def _launched() -> None:
+    """What the launcher runs on each rank. An error not handled in :func:`main` prints its traceback
+    and ends the rank with exit code 1."""
+    import faulthandler
+    import traceback
+
+    faulthandler.enable()
+    try:
+        code = main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - reported, then the rank ends like any failed process
+        traceback.print_exc()
+        code = EXIT_RUN_FAILED
+    _finish(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _launched()
