@@ -25,7 +25,7 @@ from .conditioning import cat_conditions, index_condition
 from .config import TwinFlowConfig
 from .groups import GroupSplit, split_batch
 from .loss_math import LossArithmetic, guide_rows, guided_target, twinflow_loss_reference
-from .teacher import Teacher
+from .teachers import Teacher, TeacherKind
 from .times import StepTimes, assign_group_times, sample_base_times
 
 Backbone = Callable[..., torch.Tensor]
@@ -70,7 +70,7 @@ class TwinFlowObjective:
         self.arith = LossArithmetic(
             enhanced_ratio=config.enhanced_ratio,
             enhanced_range=config.enhanced_range,
-            guide_replace=config.ema_decay_rate == 1.0 and config.use_image_free,
+            guide_replace=TeacherKind.from_decay_rate(config.ema_decay_rate) is TeacherKind.FROZEN and config.use_image_free,
             rcgm_delta=config.rcgm_delta,
             loss=config.loss_func,
             dist_match_cof=config.dist_match_cof,
@@ -141,9 +141,9 @@ class TwinFlowObjective:
             and cfg.consistc_ratio != 0
             and (split.sizes["e2e"] + split.sizes["any"] + split.sizes["one"]) > 0
         )
-        # ema_decay_rate == 1: the RCGM integration runs on the online model (§3.7), and it must run
+        # A frozen teacher: the RCGM integration runs on the online model (§3.7), and it must run
         # outside the teacher session, whose weights may be swapped into the same module in place.
-        rcgm_on_online = cfg.ema_decay_rate == 1.0
+        rcgm_on_online = TeacherKind.from_decay_rate(cfg.ema_decay_rate) is TeacherKind.FROZEN
         guided = target
         needs_teacher = cfg.enhanced_ratio != 0 or (use_rcgm and not rcgm_on_online)
         # A session may swap weights and release gathered parameters (ZeRO-3): enter it only when a

@@ -26,7 +26,7 @@ Where each number comes from:
   ``min(max_live, largest block + prefetch bucket)`` gathered elements, plus the full-size gradient of
   the largest single module before it is reduce-scattered. DeepSpeed's own estimator counts the
   latter pair as ``4 * largest_layer_params``.
-* **EMA** (``twinflow.training.zero_ema``): a float32 EMA and a shadow in the parameter dtype, both
+* **EMA** (``twinflow.method.teachers.zero3``): a float32 EMA and a shadow in the parameter dtype, both
   laid out like the rank's master partition (6 bytes per partition element in bf16). The shadow is
   swapped into the partitions for the teacher passes. They live where the master partition lives; with
   an offloaded optimizer the session copies the shadow to the GPU, a transient of 2 bytes per element.
@@ -570,7 +570,7 @@ def plan_for_model(
         f"total parameters {inv.total:,}; largest module {inv.largest_module:,}; largest block {inv.largest_block:,}",
         f"optimizer state {'offloaded to CPU' if zero.offload_optimizer else 'on the GPU'}; parameters not offloaded",
         f"teacher: {teacher}"
-        + {"ema": " (fp32 EMA + shadow shards, zero_ema.py)", "frozen": " (starting weights as a shadow shard)",
+        + {"ema": " (fp32 EMA + shadow shards, teachers/zero3.py)", "frozen": " (starting weights as a shadow shard)",
            "online": " (no extra weights)"}[teacher],
         f"GPU memory: {gpu_mem_gib} GiB per device (--gpu-mem; pass what the target GPU reports, "
         "torch.cuda.get_device_properties(0).total_memory / 2**30)",
@@ -596,9 +596,9 @@ def plan_for_model(
 
 def teacher_kind(ema_decay_rate: float) -> TeacherKind:
     """Which teacher weights the run keeps (ALGORITHM.md §3.5)."""
-    if ema_decay_rate == 0.0:
-        return "online"
-    return "frozen" if ema_decay_rate == 1.0 else "ema"
+    from twinflow.method.teachers import TeacherKind as Kind
+
+    return Kind.from_decay_rate(ema_decay_rate).value
 
 
 def largest_teacher_rows(micro_batch: int, method: Any) -> int:
