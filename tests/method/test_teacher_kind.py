@@ -10,6 +10,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from twinflow.backbones.mlp import DualTimeMLP
 from twinflow.method.config import TwinFlowConfig
 from twinflow.method.objective import TwinFlowObjective
+from twinflow.method.step_plan import StepPlan
 from twinflow.method.teachers import OnlineTeacher, TeacherKind
 from twinflow.method.teachers import build as build_module
 from twinflow.method.teachers.adapter import (
@@ -107,9 +108,12 @@ def test_run_builder_follows_the_kind(force_kind, monkeypatch, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_objective_follows_the_kind(force_kind, kind):
+def test_step_plan_and_objective_follow_the_kind(force_kind, kind):
     force_kind(kind)
     cfg = TwinFlowConfig(ema_decay_rate=RATE, use_image_free=True, kernels="eager")
+    plan = StepPlan.from_config(cfg)
+    assert plan.teacher is kind
+    assert plan.rcgm_on_online == (kind is TeacherKind.FROZEN)
     assert TwinFlowObjective(cfg).arith.guide_replace == (kind is TeacherKind.FROZEN)
 
 

@@ -602,23 +602,13 @@ def teacher_kind(ema_decay_rate: float) -> TeacherKind:
 
 
 def largest_teacher_rows(micro_batch: int, method: Any) -> int:
-    """Rows of the largest no-grad pass of one step (``twinflow.method.objective``): one-step fakes
+    """Rows of the largest no-grad pass of one step, as the objective's step plan runs it: one-step fakes
     (adv rows, or the whole batch in image-free mode), guidance (2 x guided rows, bounded by the non-adv
     rows), RCGM (non-adv rows) and rectification (2 x e2e rows)."""
     from twinflow.method.groups import split_batch
+    from twinflow.method.step_plan import StepPlan
 
-    sizes = split_batch(micro_batch, method.probs.as_dict()).sizes
-    non_adv = micro_batch - sizes["adv"]
-    passes = [sizes["adv"]]
-    if method.use_image_free:
-        passes.append(micro_batch)
-    if method.enhanced_ratio != 0:
-        passes.append(2 * non_adv)
-    if method.estimate_order >= 1 and method.consistc_ratio != 0:
-        passes.append(non_adv)
-    if method.consistc_ratio == 1.0 and method.dist_match_cof != 0:
-        passes.append(2 * sizes["e2e"])
-    return max(passes)
+    return StepPlan.from_config(method).largest_no_grad_rows(split_batch(micro_batch, method.probs.as_dict()))
 
 
 def _transformer_config(cfg: TrainConfig) -> tuple[dict[str, Any], str]:
