@@ -38,7 +38,7 @@ from twinflow.method.conditioning import index_condition
 from twinflow.method.config import TwinFlowConfig
 from twinflow.method.ema_schedule import EMADecaySchedule
 from twinflow.method.objective import TwinFlowObjective
-from twinflow.method.teacher import Teacher
+from twinflow.method.teachers import Teacher
 
 from .harness import Timing, TimingPlan, device_name, peak_bf16_tflops, synchronize
 

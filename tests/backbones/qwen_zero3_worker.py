@@ -85,8 +85,9 @@ def check_lora_with_ema_adapter() -> None:
     """LoRA built under zero.Init: zero-initialised B, working forward/step, EMA update on shards."""
     import deepspeed
 
-    from twinflow.backbones.qwen_image.lora import adapter_pairs, build_lora_teacher
     from twinflow.backbones.qwen_image.tiny import tiny_transformer_config
+    from twinflow.method.teachers.adapter import adapter_pairs
+    from twinflow.method.teachers.build import build_teacher
 
     lora = {"enabled": True, "rank": 4, "train_time_embed_2": "lora"}
     data = {"transformer": tiny_transformer_config(), "dtype": "float32", "lora": lora}
@@ -102,7 +103,7 @@ def check_lora_with_ema_adapter() -> None:
     engine, *_ = deepspeed.initialize(
         model=model, config=DS_CONFIG, model_parameters=[p for p in model.parameters() if p.requires_grad]
     )
-    teacher = build_lora_teacher(engine.module, 0.5, backend="eager")
+    teacher = build_teacher(engine.module, 0.5, backend="eager", lora=True)
     x, t, tt, cond = inputs()
     out = engine(x, t, tt, cond)
     with torch.no_grad():

@@ -3,15 +3,10 @@ import pytest
 import torch
 
 from twinflow.backbones.qwen_image.config import DEFAULT_LORA_TARGETS
-from twinflow.backbones.qwen_image.lora import (
-    AdapterEMATeacher,
-    DisabledAdapterTeacher,
-    adapter_pairs,
-    adapter_state,
-    build_lora_teacher,
-)
 from twinflow.backbones.qwen_image.tiny import tiny_transformer_config
-from twinflow.method.teacher import OnlineTeacher
+from twinflow.method.teachers import OnlineTeacher
+from twinflow.method.teachers.adapter import AdapterEMATeacher, DisabledAdapterTeacher, adapter_pairs, adapter_state
+from twinflow.method.teachers.build import build_teacher
 
 from qwen_helpers import C, build_tiny, make_cond
 
@@ -130,7 +125,7 @@ def flags(model):
 @torch.no_grad()
 def test_ema_teacher_session_runs_the_ema_adapter_and_restores_state():
     backbone = lora_backbone()
-    teacher = build_lora_teacher(backbone, 0.9, backend="eager")
+    teacher = build_teacher(backbone, 0.9, backend="eager", lora=True)
     assert isinstance(teacher, AdapterEMATeacher)
     perturb_adapter_(backbone, "default", 5)
     perturb_adapter_(backbone, "ema", 6)
@@ -155,7 +150,7 @@ def test_ema_teacher_session_runs_the_ema_adapter_and_restores_state():
 def test_disabled_adapter_teacher_is_the_base_model():
     backbone = lora_backbone(seed=2)
     base = build_tiny(seed=2)
-    teacher = build_lora_teacher(backbone, 1.0)
+    teacher = build_teacher(backbone, 1.0, lora=True)
     assert isinstance(teacher, DisabledAdapterTeacher)
     perturb_adapter_(backbone, "default", 7)
     x, t, cond = torch.randn(2, C, 4, 4), torch.rand(2), make_cond([2, 4])
@@ -169,9 +164,9 @@ def test_disabled_adapter_teacher_is_the_base_model():
 
 def test_online_teacher_and_missing_ema_adapter():
     backbone = lora_backbone(ema_adapter=False)
-    assert isinstance(build_lora_teacher(backbone, 0.0), OnlineTeacher)
+    assert isinstance(build_teacher(backbone, 0.0, lora=True), OnlineTeacher)
     with pytest.raises(ValueError, match="lora.ema_adapter"):
-        build_lora_teacher(backbone, 0.99)
+        build_teacher(backbone, 0.99, lora=True)
 
 
 @torch.no_grad()

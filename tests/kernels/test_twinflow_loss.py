@@ -26,7 +26,7 @@ from twinflow.kernels.twinflow_loss import twinflow_loss
 from twinflow.method.config import LossFuncConfig, TwinFlowConfig
 from twinflow.method.loss_math import LossArithmetic, twinflow_loss_reference
 from twinflow.method.objective import TwinFlowObjective
-from twinflow.method.teacher import build_teacher
+from twinflow.method.teachers.build import build_teacher
 
 G_BASE, G_RECT = 0.7, 1.3
 GRAD_REL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}

@@ -12,7 +12,7 @@ import torch
 from twinflow.backbones.mlp import DualTimeMLP
 from twinflow.method.config import TwinFlowConfig
 from twinflow.method.objective import TwinFlowObjective, one_step_sample
-from twinflow.method.teacher import build_teacher
+from twinflow.method.teachers.build import build_teacher
 
 STEPS = 500
 BATCH = 128

@@ -7,7 +7,9 @@ import torch
 from twinflow.backbones.mlp import DualTimeMLP
 from twinflow.method.config import GroupProbs, TwinFlowConfig
 from twinflow.method.objective import TwinFlowObjective, invert
-from twinflow.method.teacher import FrozenTeacher, OnlineTeacher, Teacher, build_teacher
+from twinflow.method.teachers import OnlineTeacher, Teacher
+from twinflow.method.teachers.build import build_teacher
+from twinflow.method.teachers.dense import FrozenTeacher
 
 B = 16
 

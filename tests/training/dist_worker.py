@@ -90,7 +90,7 @@ def lora_checks(out: Path, rank: int) -> dict:
     """LoRA under ZeRO-3: the EMA adapter teacher, its checkpoint round trip and the adapter export."""
     from twinflow.backbones.qwen_image.backbone import QwenImageBackbone
     from twinflow.backbones.qwen_image.build import build_qwen_image_backbone
-    from twinflow.backbones.qwen_image.lora import adapter_pairs, adapter_state
+    from twinflow.method.teachers.adapter import adapter_pairs, adapter_state
     from twinflow.backbones.qwen_image.transformer import TwinFlowQwenImageTransformer
     from twinflow.training.config import load_train_config
     from twinflow.training.export import gather_transformer_state

@@ -15,7 +15,7 @@ from twinflow.backbones.mlp import DualTimeMLP
 from twinflow.backbones.qwen_image.tiny import TINY_LATENT_CHANNELS, tiny_transformer_config
 from twinflow.backbones.qwen_image.transformer import TwinFlowQwenImageTransformer
 from twinflow.data.stats import DataStats, SkipReason
-from twinflow.method.teacher import OnlineTeacher
+from twinflow.method.teachers import OnlineTeacher
 from twinflow.training.config import load_train_config
 from twinflow.training.observability import (
     CELL,

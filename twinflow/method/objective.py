@@ -10,6 +10,7 @@ runs, in this order and with these costs (batch B, all groups on, N = 2):
 4. rectification: fake and real passes of the online model in ONE batched forward (2 x e2e rows).
 5. the loss arithmetic, eager or fused (``kernels`` switch), giving the base and rectification parts.
 
+Which passes run is decided once from the config (:class:`~twinflow.method.step_plan.StepPlan`).
 Rows that a pass would discard are never computed (adv rows skip RCGM, unguided rows skip guidance);
 the values of the rows that are used are exactly those of the specification.
 """
@@ -25,7 +26,8 @@ from .conditioning import cat_conditions, index_condition
 from .config import TwinFlowConfig
 from .groups import GroupSplit, split_batch
 from .loss_math import LossArithmetic, guide_rows, guided_target, twinflow_loss_reference
-from .teacher import Teacher
+from .step_plan import StepPlan
+from .teachers import Teacher
 from .times import StepTimes, assign_group_times, sample_base_times
 
 Backbone = Callable[..., torch.Tensor]
@@ -67,10 +69,11 @@ class TwinFlowObjective:
 
     def __init__(self, config: TwinFlowConfig):
         self.config = config
+        self.plan = StepPlan.from_config(config)
         self.arith = LossArithmetic(
             enhanced_ratio=config.enhanced_ratio,
             enhanced_range=config.enhanced_range,
-            guide_replace=config.ema_decay_rate == 1.0 and config.use_image_free,
+            guide_replace=self.plan.guide_replace,
             rcgm_delta=config.rcgm_delta,
             loss=config.loss_func,
             dist_match_cof=config.dist_match_cof,
@@ -101,7 +104,7 @@ class TwinFlowObjective:
     ) -> StepOutput:
         """Loss of one micro batch. ``model`` is the online backbone (with grad); ``uncond`` holds
         the unconditional condition for the same rows (needed when ``enhanced_ratio != 0``)."""
-        cfg = self.config
+        cfg, plan = self.config, self.plan
         B = x.shape[0]
         split = self.split(B)
         sl = split.slices
@@ -109,11 +112,11 @@ class TwinFlowObjective:
         adv = masks["adv"]
         rows_run: dict[str, int] = {}
 
-        if cfg.enhanced_ratio != 0 and uncond is None:
+        if plan.guidance and uncond is None:
             raise ValueError("enhanced_ratio != 0 needs an unconditional condition (uncond) for the guided target")
 
         with torch.no_grad():
-            if cfg.use_image_free:
+            if plan.image_free:
                 x = one_step_sample(model, torch.randn_like(x), cond)
                 rows_run["image_free"] = B
             t0, tt0, t_min = sample_base_times(B, cfg.time_dist_ctrl, cfg.consistc_ratio, x.device)
@@ -136,38 +139,28 @@ class TwinFlowObjective:
         x_hat_main = invert(x_t, times.t, F.detach().float())[0]
 
         v_c = v_u = acc = None
-        use_rcgm = (
-            cfg.estimate_order >= 1
-            and cfg.consistc_ratio != 0
-            and (split.sizes["e2e"] + split.sizes["any"] + split.sizes["one"]) > 0
-        )
-        # ema_decay_rate == 1: the RCGM integration runs on the online model (§3.7), and it must run
-        # outside the teacher session, whose weights may be swapped into the same module in place.
-        rcgm_on_online = cfg.ema_decay_rate == 1.0
+        use_rcgm = plan.runs_rcgm(split)
         guided = target
-        needs_teacher = cfg.enhanced_ratio != 0 or (use_rcgm and not rcgm_on_online)
-        # A session may swap weights and release gathered parameters (ZeRO-3): enter it only when a
-        # teacher pass runs (never, e.g., for the flow-matching preset).
-        with teacher.session() if needs_teacher else nullcontext() as teacher_model:
-            if cfg.enhanced_ratio != 0:
+        with teacher.session() if plan.needs_teacher_session(split) else nullcontext() as teacher_model:
+            if plan.guidance:
                 rows = guide_rows(times.t, adv, self.arith)
                 v_c, v_u = self._guidance(teacher_model, x_t, times.t, cond, uncond, rows, target, x.dtype)
                 rows_run["guidance"] = 2 * int(rows.sum())
                 guided = guided_target(target, v_c, v_u, rows, self.arith)
-            if use_rcgm and not rcgm_on_online:
+            if plan.rcgm_on_teacher(split):
                 acc = self._rcgm_integral(teacher_model, x_t, guided, times, cond, ~adv, x.dtype)
-        if use_rcgm and rcgm_on_online:
+        if use_rcgm and plan.rcgm_on_online:
             acc = self._rcgm_integral(model, x_t, guided, times, cond, ~adv, x.dtype)
         if use_rcgm:
-            rows_run["rcgm"] = cfg.estimate_order * int((~adv).sum())
+            rows_run["rcgm"] = plan.rcgm_steps * int((~adv).sum())
 
         rect_diff = None
         n_e2e = split.sizes["e2e"]
-        if cfg.consistc_ratio == 1.0 and cfg.dist_match_cof != 0 and n_e2e > 0:
+        if plan.runs_rectification(split):
             rect_diff = self._rectification(model, x_hat_main[sl["e2e"]].to(x.dtype), index_condition(cond, sl["e2e"]))
             rows_run["rectification"] = 2 * n_e2e
 
-        loss_rows = torch.ones_like(adv) if cfg.estimate_order >= 1 else (masks["mul"] | adv)
+        loss_rows = torch.ones_like(adv) if plan.loss_on_all_rows else (masks["mul"] | adv)
         base, rect = self._loss_impl(
             F, target, times.t, times.tt, adv, loss_rows, self.arith,
             v_c=v_c, v_u=v_u, rcgm_acc=acc, rect_diff=rect_diff,

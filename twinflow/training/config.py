@@ -157,7 +157,7 @@ class DeepSpeedSection:
     """DeepSpeed settings the trainer turns into a DeepSpeed config (see ``deepspeed_config.py``).
 
     ``zero_stage`` must be 3: parameters, gradients and optimizer state are partitioned (the model is
-    built under ``deepspeed.zero.Init``), the teacher EMA is kept as shards (``zero_ema.py``) and
+    built under ``deepspeed.zero.Init``), the teacher EMA is kept as shards (``method/teachers/zero3.py``) and
     checkpoints store each rank's partitions. ZeRO-3 also runs on a single rank, so small models use the
     same path; stages 0-2 are not implemented by this trainer. ``bf16`` trains with bf16 parameters and fp32 master weights; off means fp32
     throughout (CPU tests). ``extra`` is merged last into the generated JSON for settings this section

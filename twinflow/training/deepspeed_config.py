@@ -12,7 +12,7 @@ optimizer steps (a skipped non-finite step leaves it untouched).
 Persistent parameters. ZeRO-3 keeps parameters smaller than ``stage3_param_persistence_threshold``
 gathered on every rank. The shard EMA does not need the threshold set to 0: its teacher session
 releases every gathered parameter (persistent ones included) on entry and exit, so they are re-gathered
-from whichever partition is current (see :mod:`twinflow.training.zero_ema`). DeepSpeed's defaults are
+from whichever partition is current (see :mod:`twinflow.method.teachers.zero3`). DeepSpeed's defaults are
 therefore kept.
 """
 from __future__ import annotations

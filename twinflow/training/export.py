@@ -96,7 +96,7 @@ def write_export(state: dict[str, torch.Tensor], transformer_config: dict[str, A
                  out: str | Path, *, weights: Weights, merge_lora: bool = False,
                  sampling: Optional[dict[str, Any]] = None) -> Path:
     """Write ``state`` (the transformer's full state dict) as described in the module docstring."""
-    from twinflow.backbones.qwen_image.lora import ADAPTER, EMA_ADAPTER
+    from twinflow.method.teachers.adapter import ADAPTER, EMA_ADAPTER
 
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
@@ -160,7 +160,9 @@ def _copy_to_cpu(state: dict[str, torch.Tensor], name: str, tensor: torch.Tensor
 def export_from_trainer(trainer: Any, out: str | Path, *, weights: Weights = "ema", merge_lora: bool = False) -> Optional[Path]:
     """Collective: export ``trainer``'s current online or EMA (teacher) weights; the path on rank 0."""
     if weights == "ema":
-        if trainer.config.method.ema_decay_rate == 0.0:
+        from twinflow.method.teachers import TeacherKind
+
+        if TeacherKind.from_decay_rate(trainer.config.method.ema_decay_rate) is TeacherKind.ONLINE:
             raise ExportError("weights='ema' but method.ema_decay_rate is 0: the run has no EMA teacher")
         with trainer.teacher.session():
             state = gather_transformer_state(trainer.backbone, trainer.dist.rank)
@@ -178,7 +180,7 @@ def export_from_trainer(trainer: Any, out: str | Path, *, weights: Weights = "em
 def export_layout(backbone: nn.Module, optimizer: Any) -> dict[str, Any]:
     """What :func:`export_checkpoint` needs to reassemble parameters from per-rank partitions; stored
     in ``meta.json`` by the trainer."""
-    from .zero_ema import zero3_slots
+    from twinflow.method.teachers.zero3 import zero3_slots
 
     layout: dict[str, Any] = {
         "transformer_config": json.loads(json.dumps(dict(backbone.transformer.config), default=list)),
@@ -188,7 +190,7 @@ def export_layout(backbone: nn.Module, optimizer: Any) -> dict[str, Any]:
         ],
     }
     if getattr(backbone.transformer, "peft_config", None):
-        from twinflow.backbones.qwen_image.lora import adapter_pairs
+        from twinflow.method.teachers.adapter import adapter_pairs
 
         names = {id(p): n for n, p in backbone.named_parameters()}
         layout["lora_ema"] = [

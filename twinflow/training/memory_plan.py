@@ -26,7 +26,7 @@ Where each number comes from:
   ``min(max_live, largest block + prefetch bucket)`` gathered elements, plus the full-size gradient of
   the largest single module before it is reduce-scattered. DeepSpeed's own estimator counts the
   latter pair as ``4 * largest_layer_params``.
-* **EMA** (``twinflow.training.zero_ema``): a float32 EMA and a shadow in the parameter dtype, both
+* **EMA** (``twinflow.method.teachers.zero3``): a float32 EMA and a shadow in the parameter dtype, both
   laid out like the rank's master partition (6 bytes per partition element in bf16). The shadow is
   swapped into the partitions for the teacher passes. They live where the master partition lives; with
   an offloaded optimizer the session copies the shadow to the GPU, a transient of 2 bytes per element.
@@ -570,7 +570,7 @@ def plan_for_model(
         f"total parameters {inv.total:,}; largest module {inv.largest_module:,}; largest block {inv.largest_block:,}",
         f"optimizer state {'offloaded to CPU' if zero.offload_optimizer else 'on the GPU'}; parameters not offloaded",
         f"teacher: {teacher}"
-        + {"ema": " (fp32 EMA + shadow shards, zero_ema.py)", "frozen": " (starting weights as a shadow shard)",
+        + {"ema": " (fp32 EMA + shadow shards, teachers/zero3.py)", "frozen": " (starting weights as a shadow shard)",
            "online": " (no extra weights)"}[teacher],
         f"GPU memory: {gpu_mem_gib} GiB per device (--gpu-mem; pass what the target GPU reports, "
         "torch.cuda.get_device_properties(0).total_memory / 2**30)",
@@ -596,29 +596,19 @@ def plan_for_model(
 
 def teacher_kind(ema_decay_rate: float) -> TeacherKind:
     """Which teacher weights the run keeps (ALGORITHM.md §3.5)."""
-    if ema_decay_rate == 0.0:
-        return "online"
-    return "frozen" if ema_decay_rate == 1.0 else "ema"
+    from twinflow.method.teachers import TeacherKind as Kind
+
+    return Kind.from_decay_rate(ema_decay_rate).value
 
 
 def largest_teacher_rows(micro_batch: int, method: Any) -> int:
-    """Rows of the largest no-grad pass of one step (``twinflow.method.objective``): one-step fakes
+    """Rows of the largest no-grad pass of one step, as the objective's step plan runs it: one-step fakes
     (adv rows, or the whole batch in image-free mode), guidance (2 x guided rows, bounded by the non-adv
     rows), RCGM (non-adv rows) and rectification (2 x e2e rows)."""
     from twinflow.method.groups import split_batch
+    from twinflow.method.step_plan import StepPlan
 
-    sizes = split_batch(micro_batch, method.probs.as_dict()).sizes
-    non_adv = micro_batch - sizes["adv"]
-    passes = [sizes["adv"]]
-    if method.use_image_free:
-        passes.append(micro_batch)
-    if method.enhanced_ratio != 0:
-        passes.append(2 * non_adv)
-    if method.estimate_order >= 1 and method.consistc_ratio != 0:
-        passes.append(non_adv)
-    if method.consistc_ratio == 1.0 and method.dist_match_cof != 0:
-        passes.append(2 * sizes["e2e"])
-    return max(passes)
+    return StepPlan.from_config(method).largest_no_grad_rows(split_batch(micro_batch, method.probs.as_dict()))
 
 
 def _transformer_config(cfg: TrainConfig) -> tuple[dict[str, Any], str]:

@@ -43,7 +43,7 @@ from twinflow.training.distributed import all_ranks_agree
 
 if TYPE_CHECKING:
     from twinflow.data.stats import DataStats
-    from twinflow.method.teacher import Teacher
+    from twinflow.method.teachers import Teacher
 
     from .config import SamplingSection, TrainConfig
 

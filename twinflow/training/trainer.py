@@ -3,7 +3,7 @@
 Building (:class:`Trainer`): join the process group, build the backbone under ``deepspeed.zero.Init``
 (every rank seeded alike, so a randomly initialised model is identical everywhere), wrap it in a
 DeepSpeed engine (AdamW, the warmup/decay schedule, clipping, gradient accumulation), pick the teacher
-(:mod:`.teachers`), then resume from a checkpoint if configured and seed each rank's RNG differently.
+(:mod:`twinflow.method.teachers.build`), then resume from a checkpoint if configured and seed each rank's RNG differently.
 
 One optimizer step (:meth:`Trainer.train_step`) runs ``gradient_accumulation_steps`` micro batches:
 objective -> ``engine.backward`` -> ``engine.step`` (DeepSpeed applies the optimizer at the boundary).
@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from twinflow.method.objective import TwinFlowObjective
-from twinflow.method.teacher import Teacher
+from twinflow.method.teachers import Teacher
+from twinflow.method.teachers.build import build_run_teacher
 from twinflow.utils.typed_config import ConfigError, to_dict
 
 from .checkpoint import (
@@ -51,7 +52,6 @@ from .deepspeed_config import build_deepspeed_config, prepare_jit_environment
 from .export import Weights, export_from_trainer, export_layout
 from .distributed import DistInfo, all_ranks_agree, any_rank, init_distributed, mean_over_ranks
 from .lr_schedule import WarmupDecaySchedule
-from .teachers import build_run_teacher
 from .zero_trace import StepTrace
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ DeepSpeed's own rules and limits (``stage3_prefetch_bucket_size``, ``stage3_max_
 ``stage3_max_reuse_distance``), so memory stays bounded by the same settings; nothing gathers the
 whole model at once.
 
-Teacher sessions (:mod:`.zero_ema`) swap the partitions inside a step; they release every gathered
+Teacher sessions (:mod:`twinflow.method.teachers.zero3`) swap the partitions inside a step; they release every gathered
 parameter (``optimizer.empty_partition_cache``) on entry and on exit, so that the next pass gathers
 from the partition current after the swap. A prefetch that crossed such a boundary would be wasted (it
 gathered the other weights; the release drops it) and would cost one extra gather of the first modules

@@ -40,7 +40,8 @@ from torch import nn
 
 from twinflow.kernels.ema import MultiTensorEMA
 from twinflow.method.ema_schedule import EMADecaySchedule
-from twinflow.method.teacher import Teacher
+
+from .base import Teacher
 
 
 @dataclass(frozen=True)
