@@ -349,9 +349,11 @@ class TrainConfig:
             model = self.model.transformer_settings()
         except ConfigError as e:
             raise ConfigError(str(e).replace("config key '", "config key 'model.", 1)) from e
+        from .checkpoint import META, is_complete
+
         resume = self.train.resume
-        if resume not in ("auto", "none") and not (Path(resume) / "meta.json").is_file():
-            what = "does not exist" if not Path(resume).exists() else "is not a complete checkpoint (no meta.json)"
+        if resume not in ("auto", "none") and not is_complete(resume):
+            what = "does not exist" if not Path(resume).exists() else f"is not a complete checkpoint (no {META})"
             raise ConfigError(f"config key 'train.resume': {resume} {what}")
         if self.data is None:
             if self.model.pretrained is not None:  # an inline transformer was checked by __post_init__
