@@ -28,13 +28,14 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
+import yaml
 
 from twinflow.backbones.qwen_image.config import QwenImageBackboneConfig
 from twinflow.data.config import DataConfig
 from twinflow.method.config import TwinFlowConfig
 from twinflow.method.groups import split_batch
 from twinflow.sampling.config import SAMPLER_PRESETS
-from twinflow.utils.typed_config import ConfigError, load_config
+from twinflow.utils.typed_config import ConfigError, load_config, to_dict
 
 from .data import SyntheticDataConfig
 
@@ -391,3 +392,13 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
     if check_inputs:
         config.check_inputs()
     return config
+
+
+RESOLVED_CONFIG = "resolved_config.yaml"
+"""Written under ``train.output_dir`` by the run logger at every start: :func:`resolved_yaml` of the run."""
+
+
+def resolved_yaml(config: TrainConfig) -> str:
+    """The fully resolved config as YAML: every key in field order, defaults and preset values included,
+    so a run's settings can be read without knowing the defaults. Loading it gives the same config."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=None)

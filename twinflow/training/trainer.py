@@ -15,9 +15,9 @@ scheduler (its overflow path), and the trainer skips the EMA update. A finite lo
 is non-finite takes the same path. Skips are counted and logged; ``train.max_consecutive_nonfinite``
 in a row stop the run with :class:`NonFiniteTrainingError`.
 
-The run logger (progress bar, TensorBoard, sample grids) lives in :mod:`.observability`; the loop only
-talks to the small :class:`RunLogger` protocol below. Checkpoint contents and names belong to
-:mod:`.checkpoint`; the trainer hands it its components.
+The run logger (the resolved config at start, progress bar, TensorBoard, sample grids) lives in
+:mod:`.observability`; the loop only talks to the small :class:`RunLogger` protocol below. Checkpoint
+contents and names belong to :mod:`.checkpoint`; the trainer hands it its components.
 """
 from __future__ import annotations
 
