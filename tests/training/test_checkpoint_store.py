@@ -6,7 +6,11 @@ each point leaves behind, pruning, and what loading refuses.
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 import random
+import re
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,12 +19,21 @@ from twinflow.training.checkpoint import (
     CheckpointError,
     CheckpointStore,
     capture_rng,
+    ema_adapter_key,
+    ema_shard_key,
     join_tensors,
+    master_key,
+    optim_key,
+    rank_files,
+    rank_state,
     restore_optimizer_state,
+    restore_rank_state,
     restore_rng,
     split_optimizer_state,
     split_tensors,
 )
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 class Crash(Exception):
@@ -208,3 +221,60 @@ def test_kill_during_pruning_leaves_trash_that_the_next_start_removes(tmp_path):
     assert CheckpointStore(tmp_path, rank=1, world_size=2, keep_last=1).sweep_leftovers() == []  # rank 0's job
     assert store.sweep_leftovers() == [".tmp-step_00000006", ".trash-step_00000002"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000004"]
+
+
+# ------------------------------------------------------------------------------------------ the layout
+def test_the_layout_names_are_the_on_disk_format():
+    """Literal on purpose: these are the names inside existing checkpoint folders."""
+    assert rank_files(3) == ("rank-00003.safetensors", "rank-00003.json")
+    assert (master_key(2), optim_key(2, "exp_avg")) == ("master.2", "optim.2.exp_avg")
+    assert (ema_shard_key(1), ema_adapter_key(4)) == ("teacher.tensors.ema.1", "teacher.ema_adapter.4")
+
+
+def test_only_checkpoint_py_spells_the_layout():
+    """The trainer, export and the rest ask twinflow/training/checkpoint.py for file and key names."""
+    spelled = re.compile(r'(master|optim)\.\{|teacher\.(tensors|ema_adapter)|rng\.torch_|rank-\{|step_\{'
+                         r'|"meta\.json"|"latest"|"checkpoints"')
+    offenders = [f"{path.relative_to(REPO)}:{n}" for path in sorted((REPO / "twinflow").rglob("*.py"))
+                 if path.name != "checkpoint.py" and "kernels" not in path.parts
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if spelled.search(line)]
+    assert not offenders
+
+
+class _Stateful:
+    def __init__(self, state):
+        self.state = state
+
+    def state_dict(self):
+        return self.state
+
+    def load_state_dict(self, state):
+        self.state = state
+
+
+def _fake_zero3_optimizer(masters: list[torch.Tensor]) -> SimpleNamespace:
+    """What :func:`rank_state` reads of DeepSpeed's ZeRO-3 optimizer, and what restoring calls."""
+    return SimpleNamespace(fp32_partitioned_groups_flat=masters, optimizer=SimpleNamespace(state=defaultdict(dict)),
+                           _reassign_or_swap_out_partitioned_parameters=lambda i: None, empty_partition_cache=lambda: None)
+
+
+def test_a_trainer_rank_state_round_trips_through_the_store(tmp_path):
+    cpu = torch.device("cpu")
+    optimizer = _fake_zero3_optimizer([torch.arange(4.0)])
+    optimizer.optimizer.state[optimizer.fp32_partitioned_groups_flat[0]] = {"exp_avg": torch.ones(4), "step": 3}
+    teacher = _Stateful({"schedule": {"decay": 0.5}, "tensors": {"ema.0": torch.full((4,), 2.0)}})
+    loader = _Stateful({"position": 7})
+    tensors, rank_data = rank_state(optimizer, teacher, loader, cpu)
+    assert sorted(tensors) == sorted([master_key(0), optim_key(0, "exp_avg"), ema_shard_key(0), "rng.torch_cpu"])
+    store = CheckpointStore(tmp_path, rank=0, world_size=1, keep_last=1)
+    store.save(1, tensors, rank_data, {})
+    _, tensors, rank_data = store.load(store.latest())
+
+    fresh = _fake_zero3_optimizer([torch.zeros(4)])
+    expected = torch.rand(2)
+    teacher2, loader2 = _Stateful(None), _Stateful(None)
+    restore_rank_state(fresh, teacher2, loader2, tensors, rank_data, cpu)
+    assert torch.equal(fresh.fp32_partitioned_groups_flat[0], torch.arange(4.0))
+    assert fresh.optimizer.state[fresh.fp32_partitioned_groups_flat[0]]["step"] == 3
+    assert torch.equal(teacher2.state["tensors"]["ema.0"], torch.full((4,), 2.0)) and loader2.state == {"position": 7}
+    assert torch.equal(torch.rand(2), expected)  # the RNG is back where it was when the state was taken

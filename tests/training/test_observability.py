@@ -1,5 +1,6 @@
-"""The run logger: JSON-lines and TensorBoard scalars, skip counters, rank-0-only files, and sample grids
-(one PNG per sampler preset, with the right number of images, NFE and captions)."""
+"""The run logger: the resolved config at start, JSON-lines and TensorBoard scalars, skip counters,
+rank-0-only files, and sample grids (one PNG per sampler preset, with the right number of images, NFE
+and captions)."""
 from __future__ import annotations
 
 import json
@@ -95,6 +96,22 @@ def test_scalars_go_to_jsonl_and_tensorboard_every_log_every_steps(tmp_path):
     assert [e.step for e in loss] == [2, 4]
     assert loss[1].value == pytest.approx(0.125)
     assert [e.value for e in events.Scalars("data/skipped_items")] == [2.0, 2.0]
+
+
+def test_the_resolved_config_is_printed_written_and_logged_at_start(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = _config(tmp_path, "method.preset=rcgm_practice")
+    run = RunLogger(config, rank=0, progress=False)
+    run.close()
+    written = (tmp_path / "resolved_config.yaml").read_text()
+    assert load_train_config(tmp_path / "resolved_config.yaml") == config  # the same run, read back
+    # Every key, the defaults and the preset's values included.
+    assert "dist_match_cof: 0.0" in written and "enhanced_ratio: 0.5" in written and "kill_at_step: null" in written
+    assert written in capsys.readouterr().out
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    assert "config/text_summary" in events.Tags()["tensors"]
 
 
 def test_only_rank_zero_writes(tmp_path):

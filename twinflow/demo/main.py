@@ -209,9 +209,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             launch(Path(args.config), overrides, out / f"train_{name}.log")
             timings[name] = round(time.time() - t0, 1)
             runs[name] = run_dir
+            from twinflow.training.checkpoint import checkpoints_root, latest_checkpoint
             from twinflow.training.export import export_checkpoint
 
-            checkpoint = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+            checkpoint = latest_checkpoint(checkpoints_root(run_dir))
+            if checkpoint is None:
+                raise DemoError(f"the {name} run left no complete checkpoint under {checkpoints_root(run_dir)}")
             weights = ["online"] if name == "pretrain" else ["online", "ema"]
             for w in weights:
                 folder = out / "export" / (name if w == "online" else f"{name}_ema")

@@ -1,8 +1,9 @@
 """Configuration of the TwinFlow objective (ALGORITHM.md §3), with the presets of its table.
 
-Every key keeps the reference's name. A ``preset`` fills the keys the user leaves unset, so the
-reference's code edits ("comment these lines for RCGM", "set these to 0 for flow matching") are
-configuration here: ``{preset: rcgm_practice}`` or ``{preset: flow_matching, dist_match_cof: 0.2}``.
+Every key keeps the reference's name. A ``preset`` fills the keys the user leaves unset (:class:`Preset`
+names those keys and holds each preset's values), so the reference's code edits ("comment these lines
+for RCGM", "set these to 0 for flow matching") are configuration here: ``{preset: rcgm_practice}`` or
+``{preset: flow_matching, dist_match_cof: 0.2}``.
 """
 from __future__ import annotations
 
@@ -47,34 +48,42 @@ class LossFuncConfig:
             raise ValueError(f"loss_func.c must be > 0, got {self.c}")
 
 
-PRESETS: dict[str, dict] = {
-    "twinflow": {},
-    "rcgm_theory": {"probs": {"e2e": 0, "mul": 0, "any": 1, "adv": 0, "one": 0}},
-    "rcgm_practice": {"probs": {"e2e": 1, "mul": 1, "any": 1, "adv": 0, "one": 0}, "dist_match_cof": 0.0},
-    "flow_matching": {
-        "probs": {"e2e": 0, "mul": 1, "any": 0, "adv": 0, "one": 0},
-        "consistc_ratio": 0.0,
-        "enhanced_ratio": 0.0,
-        "estimate_order": 0,
-    },
-    "lora_1order": {"probs": {"e2e": 1, "mul": 1, "any": 0, "adv": 1, "one": 1}, "estimate_order": 1},
+@dataclass(frozen=True)
+class Preset:
+    """The keys a ``method.preset`` decides, with their values. The field defaults are the ``twinflow``
+    preset (the method of ALGORITHM.md §3); every other preset in :data:`PRESETS` names only what it
+    changes. A key the user sets (YAML, override or keyword) wins over the preset."""
+
+    probs: GroupProbs = field(default_factory=GroupProbs)
+    consistc_ratio: float = 1.0
+    enhanced_ratio: float = 0.5
+    enhanced_range: tuple[float, float] = (0.0, 1.0)
+    ema_decay_rate: float = 0.99
+    time_dist_ctrl: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    estimate_order: int = 2
+    dist_match_cof: float = 0.5
+    use_image_free: bool = False
+
+
+PRESETS: dict[str, Preset] = {
+    "twinflow": Preset(),
+    "rcgm_theory": Preset(probs=GroupProbs(e2e=0, mul=0, any=1, adv=0, one=0)),
+    "rcgm_practice": Preset(probs=GroupProbs(e2e=1, mul=1, any=1, adv=0, one=0), dist_match_cof=0.0),
+    "flow_matching": Preset(
+        probs=GroupProbs(e2e=0, mul=1, any=0, adv=0, one=0), consistc_ratio=0.0, enhanced_ratio=0.0, estimate_order=0,
+    ),
+    "lora_1order": Preset(probs=GroupProbs(e2e=1, mul=1, any=0, adv=1, one=1), estimate_order=1),
 }
 
-_DEFAULTS = {
-    "consistc_ratio": 1.0,
-    "enhanced_ratio": 0.5,
-    "enhanced_range": (0.0, 1.0),
-    "ema_decay_rate": 0.99,
-    "time_dist_ctrl": (1.0, 1.0, 1.0),
-    "estimate_order": 2,
-    "dist_match_cof": 0.5,
-    "use_image_free": False,
-}
+FROM_PRESET = None
+"""Default of every :class:`TwinFlowConfig` key that :class:`Preset` names: unset (or ``null``) means
+"the preset's value"; ``__post_init__`` fills it in, so a loaded config holds no ``None`` there."""
 
 
 @dataclass
 class TwinFlowConfig:
-    """Hyper-parameters of one TwinFlow training step. Unset keys come from ``preset``.
+    """Hyper-parameters of one TwinFlow training step. Keys left at :data:`FROM_PRESET` take the value of
+    ``preset`` (see :class:`Preset` for the values); keys set explicitly win.
 
     Ranges (checked when the config is loaded; every number must also be finite): ``consistc_ratio``
     and ``ema_decay_rate`` in [0, 1]; ``enhanced_ratio`` (a guidance scale) and ``dist_match_cof`` >= 0;
@@ -83,15 +92,15 @@ class TwinFlowConfig:
     """
 
     preset: Literal["twinflow", "rcgm_theory", "rcgm_practice", "flow_matching", "lora_1order"] = "twinflow"
-    consistc_ratio: Optional[float] = None
-    enhanced_ratio: Optional[float] = None
-    enhanced_range: Optional[tuple[float, float]] = None
-    ema_decay_rate: Optional[float] = None
-    time_dist_ctrl: Optional[tuple[float, float, float]] = None
-    estimate_order: Optional[int] = None
-    dist_match_cof: Optional[float] = None
-    use_image_free: Optional[bool] = None
-    probs: Optional[GroupProbs] = None
+    consistc_ratio: Optional[float] = FROM_PRESET
+    enhanced_ratio: Optional[float] = FROM_PRESET
+    enhanced_range: Optional[tuple[float, float]] = FROM_PRESET
+    ema_decay_rate: Optional[float] = FROM_PRESET
+    time_dist_ctrl: Optional[tuple[float, float, float]] = FROM_PRESET
+    estimate_order: Optional[int] = FROM_PRESET
+    dist_match_cof: Optional[float] = FROM_PRESET
+    use_image_free: Optional[bool] = FROM_PRESET
+    probs: Optional[GroupProbs] = FROM_PRESET
     loss_func: LossFuncConfig = field(default_factory=LossFuncConfig)
     # Step of the finite difference in the RCGM target (ALGORITHM.md §3.7).
     rcgm_delta: float = 0.01
@@ -100,11 +109,11 @@ class TwinFlowConfig:
 
     def __post_init__(self) -> None:
         preset = PRESETS[self.preset]
-        for key, default in _DEFAULTS.items():
-            if getattr(self, key) is None:
-                setattr(self, key, preset.get(key, default))
-        if self.probs is None:
-            self.probs = GroupProbs(**preset.get("probs", {}))
+        for key in (f.name for f in dataclasses.fields(Preset)):
+            if getattr(self, key) is FROM_PRESET:
+                value = getattr(preset, key)
+                # The preset's GroupProbs is shared by every config of that preset: each gets a copy.
+                setattr(self, key, dataclasses.replace(value) if dataclasses.is_dataclass(value) else value)
         self.enhanced_range = tuple(float(v) for v in self.enhanced_range)
         self.time_dist_ctrl = tuple(float(v) for v in self.time_dist_ctrl)
         self._validate()

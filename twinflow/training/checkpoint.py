@@ -8,7 +8,8 @@ sub-group (``master.<i>``, ``optim.<i>.<key>``), the teacher's shards (``teacher
 (``rng.*``); plain values (optimizer state kept as Python numbers, such as DeepSpeed's Adam ``step``,
 data position, Python RNG, EMA schedule, counters, LR schedule, the config) go to JSON.
 
-Layout under ``<output_dir>/checkpoints``::
+Layout under ``<output_dir>/checkpoints`` (every file and key name is spelled once, in the "layout"
+section below; the trainer and export ask it)::
 
     step_00000300/            a complete checkpoint
         rank-00000.safetensors, rank-00000.json, ...   one pair per rank
@@ -53,9 +54,6 @@ from .distributed import all_ranks_agree, any_rank, collective_device
 
 FORMAT = "twinflow-zero3-checkpoint"
 VERSION = 1
-META = "meta.json"
-LATEST = "latest"
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
 LEFTOVER_PREFIXES = (".tmp-", ".trash-")
 """Folders of an interrupted save (``.tmp-step_N``) or prune (``.trash-step_N``)."""
 
@@ -64,8 +62,80 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not fit this run; the message names the file."""
 
 
+# ---------------------------------------------------------------------------------------------- layout
+CHECKPOINTS_DIR = "checkpoints"
+"""The store's folder under ``train.output_dir``."""
+META = "meta.json"
+LATEST = "latest"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+TEACHER = "teacher"
+"""Prefix of the teacher's tensors: :func:`split_tensors` of its ``state_dict()`` under this name."""
+RNG_CPU, RNG_CUDA = "rng.torch_cpu", "rng.torch_cuda"
+META_LAYOUT = "layout"
+"""``meta.json`` key of what export needs to reassemble parameters (``export.export_layout``)."""
+META_CONFIG = "config"
+"""``meta.json`` key of the run's resolved config (``to_dict`` of its ``TrainConfig``)."""
+META_TRAIN_STATE, META_SCHEDULER = "train_state", "scheduler"
+"""``meta.json`` keys of the trainer's counters and its learning-rate schedule."""
+
+
+def checkpoints_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / CHECKPOINTS_DIR
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def rank_files(rank: int) -> tuple[str, str]:
+    """A rank's two files in a checkpoint folder: its tensors (safetensors) and its plain data (JSON)."""
+    stem = f"rank-{rank:05d}"
+    return f"{stem}.safetensors", f"{stem}.json"
+
+
+def master_key(group: int) -> str:
+    """This rank's float32 master partition of ZeRO-3 sub-group ``group``."""
+    return f"master.{group}"
+
+
+def optim_key(group: int, key: str) -> str:
+    """A tensor of sub-group ``group``'s optimizer state (e.g. Adam's ``exp_avg``)."""
+    return f"optim.{group}.{key}"
+
+
+def ema_shard_key(group: int) -> str:
+    """This rank's EMA shard of sub-group ``group`` (full-model runs with an EMA teacher): where
+    :func:`split_tensors` puts ``state_dict()["tensors"]["ema.<group>"]`` of the shard EMA teacher
+    (:mod:`.zero_ema`) under :data:`TEACHER`."""
+    return f"{TEACHER}.tensors.ema.{group}"
+
+
+def ema_adapter_key(index: int) -> str:
+    """This rank's partition of the ``index``-th parameter of the LoRA ``ema`` adapter: the teacher's
+    ``state_dict()["ema_adapter"][index]`` (:mod:`.teachers`) under :data:`TEACHER`."""
+    return f"{TEACHER}.ema_adapter.{index}"
+
+
+def is_complete(path: str | Path) -> bool:
+    """Whether ``path`` is a complete checkpoint folder (``meta.json`` is written last)."""
+    return (Path(path) / META).is_file()
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """``meta.json`` of a complete checkpoint of this format; :class:`CheckpointError` otherwise."""
+    path = Path(path)
+    meta_path = path / META
+    if not meta_path.is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {META})")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise CheckpointError(f"{meta_path}: not a {FORMAT} v{VERSION} checkpoint")
+    return meta
+
+
+def load_rank_tensors(path: str | Path, rank: int) -> dict[str, torch.Tensor]:
+    """Rank ``rank``'s tensors of the checkpoint at ``path``, on the CPU."""
+    return load_file(str(Path(path) / rank_files(rank)[0]), device="cpu")
 
 
 # ------------------------------------------------------------------------------------- tensor <-> JSON
@@ -98,19 +168,19 @@ def join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 # ------------------------------------------------------------------------------------------- RNG states
 def capture_rng(device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """This rank's torch CPU (and CUDA) generator states as tensors, Python's as JSON data."""
-    tensors = {"rng.torch_cpu": torch.get_rng_state()}
+    tensors = {RNG_CPU: torch.get_rng_state()}
     if device.type == "cuda":
-        tensors["rng.torch_cuda"] = torch.cuda.get_rng_state(device)
+        tensors[RNG_CUDA] = torch.cuda.get_rng_state(device)
     version, state, gauss = random.getstate()
     return tensors, {"python": [version, list(state), gauss]}
 
 
 def restore_rng(tensors: dict[str, torch.Tensor], data: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(tensors["rng.torch_cpu"])
+    torch.set_rng_state(tensors[RNG_CPU])
     if device.type == "cuda":
-        if "rng.torch_cuda" not in tensors:
+        if RNG_CUDA not in tensors:
             raise CheckpointError("checkpoint has no CUDA RNG state (it was written by a CPU run)")
-        torch.cuda.set_rng_state(tensors["rng.torch_cuda"], device)
+        torch.cuda.set_rng_state(tensors[RNG_CUDA], device)
     version, state, gauss = data["python"]
     random.setstate((version, tuple(state), gauss))
 
@@ -124,7 +194,7 @@ def split_optimizer_state(state: dict[str, Any], group: int, tensors: dict[str, 
     tensor. Both round-trip exactly (JSON keeps int and float, and writes floats exactly)."""
     for key, value in state.items():
         if isinstance(value, torch.Tensor):
-            tensors[f"optim.{group}.{key}"] = value
+            tensors[optim_key(group, key)] = value
         elif isinstance(value, (bool, int, float)):
             plain[f"{group}.{key}"] = value
         else:
@@ -137,7 +207,8 @@ def restore_optimizer_state(state: dict[str, Any], group: int, tensors: dict[str
     """Inverse of :func:`split_optimizer_state`. Optimizers create their state lazily at the first step:
     an empty ``state`` adopts the saved values (tensors on ``device``, 0-dim ones such as torch's ``step``
     on the CPU, as torch keeps them); a live one must have the same keys and kinds of values."""
-    saved = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optim.{group}.")}
+    prefix = optim_key(group, "")
+    saved = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     saved.update({k.split(".", 1)[1]: v for k, v in plain.items() if k.startswith(f"{group}.")})
     if state and set(saved) != set(state):
         raise CheckpointError(f"checkpoint optimizer state of sub-group {group} has {sorted(saved)}, expected {sorted(state)}")
@@ -163,7 +234,7 @@ def zero3_partition_state(optimizer: Any) -> tuple[dict[str, torch.Tensor], dict
     tensors: dict[str, torch.Tensor] = {}
     plain: dict[str, Any] = {}
     for i, flat in enumerate(optimizer.fp32_partitioned_groups_flat):
-        tensors[f"master.{i}"] = flat
+        tensors[master_key(i)] = flat
         split_optimizer_state(optimizer.optimizer.state.get(flat, {}), i, tensors, plain)
     return tensors, plain
 
@@ -175,7 +246,7 @@ def load_zero3_partition_state(optimizer: Any, tensors: dict[str, torch.Tensor],
     DeepSpeed's own loader does), then drop every gathered copy so nothing stale is used."""
     flats = optimizer.fp32_partitioned_groups_flat
     for i, flat in enumerate(flats):
-        key = f"master.{i}"
+        key = master_key(i)
         if key not in tensors:
             raise CheckpointError(f"checkpoint has no {key}: it was written with another model or layout")
         if tensors[key].shape != flat.shape:
@@ -187,6 +258,27 @@ def load_zero3_partition_state(optimizer: Any, tensors: dict[str, torch.Tensor],
         restore_optimizer_state(optimizer.optimizer.state[flat], i, tensors, plain, flat.device)
         optimizer._reassign_or_swap_out_partitioned_parameters(i)
     optimizer.empty_partition_cache()
+
+
+# ---------------------------------------------------------------------------------- a trainer rank's part
+def rank_state(optimizer: Any, teacher: Any, loader: Any, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This rank's part of a trainer checkpoint, ``(tensors, plain data)`` for :meth:`CheckpointStore.save`:
+    the ZeRO-3 partitions and optimizer state, the teacher's ``state_dict()`` (its tensors under
+    :data:`TEACHER`), the RNG states and the data loader's position."""
+    tensors, optim_plain = zero3_partition_state(optimizer)
+    teacher_data = split_tensors(teacher.state_dict(), TEACHER, tensors)
+    rng_tensors, rng_data = capture_rng(device)
+    tensors.update(rng_tensors)
+    return tensors, {"teacher": teacher_data, "data": loader.state_dict(), "rng": rng_data, "optim": optim_plain}
+
+
+def restore_rank_state(optimizer: Any, teacher: Any, loader: Any, tensors: dict[str, torch.Tensor],
+                       rank_data: dict[str, Any], device: torch.device) -> None:
+    """Inverse of :func:`rank_state`, the RNG states last."""
+    load_zero3_partition_state(optimizer, tensors, rank_data.get("optim", {}))
+    teacher.load_state_dict(join_tensors(rank_data["teacher"], tensors))
+    loader.load_state_dict(rank_data["data"])
+    restore_rng(tensors, rank_data["rng"], device)
 
 
 # ------------------------------------------------------------------------------- what may be committed
@@ -242,6 +334,28 @@ def sweep_leftovers(root: Path) -> list[str]:
     return removed
 
 
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoint folders under ``root`` (those with ``meta.json``), oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and is_complete(p)]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(root: str | Path) -> Optional[Path]:
+    """The checkpoint ``latest`` names under ``root``; without a pointer, the newest complete one (a
+    crash can fall between the rename and the pointer update); None when there is none."""
+    root = Path(root)
+    pointer = root / LATEST
+    if pointer.is_file():
+        path = root / pointer.read_text().strip()
+        if not is_complete(path):
+            raise CheckpointError(f"{pointer} names {path}, which is not a complete checkpoint")
+        return path
+    complete = complete_checkpoints(root)
+    return complete[-1] if complete else None
+
+
 # ----------------------------------------------------------------------------------------------- store
 class CheckpointStore:
     """Writes and finds checkpoints under ``root`` with the atomic protocol of the module docstring.
@@ -270,22 +384,11 @@ class CheckpointStore:
 
     def complete_checkpoints(self) -> list[Path]:
         """Complete checkpoint folders (those with ``meta.json``), oldest first."""
-        if not self.root.is_dir():
-            return []
-        found = [p for p in self.root.iterdir() if _STEP_DIR.match(p.name) and (p / META).is_file()]
-        return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+        return complete_checkpoints(self.root)
 
     def latest(self) -> Optional[Path]:
-        """The checkpoint ``latest`` names; without a pointer, the newest complete one (a crash can fall
-        between the rename and the pointer update)."""
-        pointer = self.root / LATEST
-        if pointer.is_file():
-            path = self.root / pointer.read_text().strip()
-            if not (path / META).is_file():
-                raise CheckpointError(f"{pointer} names {path}, which is not a complete checkpoint")
-            return path
-        complete = self.complete_checkpoints()
-        return complete[-1] if complete else None
+        """See :func:`latest_checkpoint`."""
+        return latest_checkpoint(self.root)
 
     def save(self, step: int, tensors: dict[str, torch.Tensor], rank_data: dict[str, Any], meta: dict[str, Any]) -> Path:
         """Collective: every rank calls it with its own ``tensors``/``rank_data``; ``meta`` is used on rank 0."""
@@ -300,11 +403,11 @@ class CheckpointStore:
                 self.sweep_leftovers()
                 tmp.mkdir()
         with all_ranks_agree(f"checkpoint save: writing the rank files into {tmp}"):
-            stem = f"rank-{self.rank:05d}"
+            tensor_file, data_file = rank_files(self.rank)
             cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-            save_file(cpu, str(tmp / f"{stem}.safetensors"))
-            fsync_path(tmp / f"{stem}.safetensors")
-            write_json_durable(tmp / f"{stem}.json", rank_data)
+            save_file(cpu, str(tmp / tensor_file))
+            fsync_path(tmp / tensor_file)
+            write_json_durable(tmp / data_file, rank_data)
             if self._fault is not None:
                 self._fault(step)
         final = self.root / name
@@ -318,7 +421,7 @@ class CheckpointStore:
         if self._commit_fault is not None:
             self._commit_fault(step)
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-        expected = {f"rank-{r:05d}.{ext}" for r in range(self.world_size) for ext in ("safetensors", "json")}
+        expected = {name for r in range(self.world_size) for name in rank_files(r)}
         if set(files) != expected:
             raise CheckpointError(f"checkpoint {tmp} holds {sorted(files)}, expected {sorted(expected)}")
         write_json_durable(tmp / META, {**meta, "format": FORMAT, "version": VERSION, "step": step,
@@ -350,12 +453,7 @@ class CheckpointStore:
     def load(self, path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
         """``(meta, this rank's tensors, this rank's JSON data)`` of a complete checkpoint."""
         path = Path(path)
-        meta_path = path / META
-        if not meta_path.is_file():
-            raise CheckpointError(f"{path} is not a complete checkpoint (no {META})")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise CheckpointError(f"{meta_path}: not a {FORMAT} v{VERSION} checkpoint")
+        meta = read_meta(path)
         if meta["world_size"] != self.world_size:
             raise CheckpointError(
                 f"{path} was written by {meta['world_size']} ranks; this run has {self.world_size} "
@@ -365,7 +463,6 @@ class CheckpointStore:
             file = path / name
             if not file.is_file() or file.stat().st_size != size:
                 raise CheckpointError(f"checkpoint file {file} is missing or truncated (expected {size} bytes)")
-        stem = f"rank-{self.rank:05d}"
-        tensors = load_file(str(path / f"{stem}.safetensors"), device="cpu")
-        rank_data = json.loads((path / f"{stem}.json").read_text())
+        tensors = load_rank_tensors(path, self.rank)
+        rank_data = json.loads((path / rank_files(self.rank)[1]).read_text())
         return meta, tensors, rank_data

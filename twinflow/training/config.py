@@ -28,13 +28,14 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
+import yaml
 
 from twinflow.backbones.qwen_image.config import QwenImageBackboneConfig
 from twinflow.data.config import DataConfig
 from twinflow.method.config import TwinFlowConfig
 from twinflow.method.groups import split_batch
 from twinflow.sampling.config import SAMPLER_PRESETS
-from twinflow.utils.typed_config import ConfigError, load_config
+from twinflow.utils.typed_config import ConfigError, load_config, to_dict
 
 from .data import SyntheticDataConfig
 
@@ -349,9 +350,11 @@ class TrainConfig:
             model = self.model.transformer_settings()
         except ConfigError as e:
             raise ConfigError(str(e).replace("config key '", "config key 'model.", 1)) from e
+        from .checkpoint import META, is_complete
+
         resume = self.train.resume
-        if resume not in ("auto", "none") and not (Path(resume) / "meta.json").is_file():
-            what = "does not exist" if not Path(resume).exists() else "is not a complete checkpoint (no meta.json)"
+        if resume not in ("auto", "none") and not is_complete(resume):
+            what = "does not exist" if not Path(resume).exists() else f"is not a complete checkpoint (no {META})"
             raise ConfigError(f"config key 'train.resume': {resume} {what}")
         if self.data is None:
             if self.model.pretrained is not None:  # an inline transformer was checked by __post_init__
@@ -389,3 +392,13 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
     if check_inputs:
         config.check_inputs()
     return config
+
+
+RESOLVED_CONFIG = "resolved_config.yaml"
+"""Written under ``train.output_dir`` by the run logger at every start: :func:`resolved_yaml` of the run."""
+
+
+def resolved_yaml(config: TrainConfig) -> str:
+    """The fully resolved config as YAML: every key in field order, defaults and preset values included,
+    so a run's settings can be read without knowing the defaults. Loading it gives the same config."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=None)

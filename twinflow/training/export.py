@@ -28,11 +28,20 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from twinflow.utils.typed_config import from_dict
 
+from .checkpoint import (
+    META_CONFIG,
+    META_LAYOUT,
+    CheckpointError,
+    ema_adapter_key,
+    ema_shard_key,
+    load_rank_tensors,
+    master_key,
+    read_meta,
+)
 from .distributed import all_ranks_agree
 
 Weights = Literal["online", "ema"]
@@ -179,7 +188,7 @@ def export_from_trainer(trainer: Any, out: str | Path, *, weights: Weights = "em
 # ---------------------------------------------------------------------------------------- checkpoints
 def export_layout(backbone: nn.Module, optimizer: Any) -> dict[str, Any]:
     """What :func:`export_checkpoint` needs to reassemble parameters from per-rank partitions; stored
-    in ``meta.json`` by the trainer."""
+    in ``meta.json`` (under :data:`~.checkpoint.META_LAYOUT`) by the trainer."""
     from twinflow.method.teachers.zero3 import zero3_slots
 
     layout: dict[str, Any] = {
@@ -210,23 +219,23 @@ def _assemble(pieces: list[torch.Tensor], shape: list[int]) -> torch.Tensor:
 def consolidate_checkpoint(checkpoint: str | Path, weights: Weights) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(meta, weights by backbone parameter name)`` reassembled from a checkpoint's partitions."""
     ckpt = Path(checkpoint)
-    meta_path = ckpt / "meta.json"
-    if not meta_path.is_file():
-        raise ExportError(f"{ckpt} is not a complete checkpoint (no meta.json)")
-    meta = json.loads(meta_path.read_text())
-    layout = meta["layout"]
-    ranks = [load_file(str(ckpt / f"rank-{r:05d}.safetensors")) for r in range(meta["world_size"])]
+    try:
+        meta = read_meta(ckpt)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from e
+    layout = meta[META_LAYOUT]
+    ranks = [load_rank_tensors(ckpt, r) for r in range(meta["world_size"])]
     lora = "lora_ema" in layout
-    if weights == "ema" and not lora and "teacher.tensors.ema.0" not in ranks[0]:
+    if weights == "ema" and not lora and ema_shard_key(0) not in ranks[0]:
         raise ExportError(f"{ckpt} holds no EMA shards (method.ema_decay_rate was 0 or 1); export weights='online'")
-    source = "teacher.tensors.ema" if weights == "ema" and not lora else "master"
+    key_of = ema_shard_key if weights == "ema" and not lora else master_key
     out = {}
     for entry in layout["trainable"]:
-        key = f"{source}.{entry['group']}"
+        key = key_of(entry["group"])
         pieces = [r[key].narrow(0, entry["offset"], entry["numel"]) for r in ranks]
         out[entry["name"]] = _assemble(pieces, entry["shape"])
     for i, entry in enumerate(layout.get("lora_ema", [])):
-        out[entry["name"]] = _assemble([r[f"teacher.ema_adapter.{i}"] for r in ranks], entry["shape"])
+        out[entry["name"]] = _assemble([r[ema_adapter_key(i)] for r in ranks], entry["shape"])
     return meta, out
 
 
@@ -236,8 +245,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, weights: Weigh
     from twinflow.backbones.qwen_image.config import QwenImageBackboneConfig
 
     meta, trained = consolidate_checkpoint(checkpoint, weights)
-    model_config = from_dict(QwenImageBackboneConfig, meta["config"]["model"], prefix="model.")
-    transformer_config = meta["layout"]["transformer_config"]
+    model_config = from_dict(QwenImageBackboneConfig, meta[META_CONFIG]["model"], prefix="model.")
+    transformer_config = meta[META_LAYOUT]["transformer_config"]
     state = {k[len(BACKBONE_PREFIX):]: v for k, v in trained.items()}
     expected = set(_plain_transformer(transformer_config, model_config).state_dict())
     missing = sorted(expected - set(state))
@@ -249,7 +258,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, weights: Weigh
         base = build_qwen_image_backbone(model_config, "cpu").transformer.state_dict()
         state.update({k: base[k] for k in missing})
     return write_export(state, transformer_config, model_config, out, weights=weights, merge_lora=merge_lora,
-                        sampling=sampling_record(meta["config"].get("data", {})))
+                        sampling=sampling_record(meta[META_CONFIG].get("data", {})))
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -5,6 +5,8 @@ Why each piece:
 
 * The **progress bar** (rank 0, tqdm) is for the person watching: step, both loss parts (base and
   rectification), gradient norm, learning rate, throughput, memory and skipped steps at a glance.
+* The **resolved config** (rank 0, at start): every key, defaults included, printed, written to
+  ``resolved_config.yaml`` and logged as TensorBoard text, so what a run trained with is never implicit.
 * **TensorBoard** (rank 0) for curves; the **JSON-lines log** ``metrics.jsonl`` for scripts and tests
   (one object per logged step, plain numbers, appended so a resumed run continues the same file).
 * **Skip counters**: optimizer steps skipped for a non-finite loss or gradient norm (the trainer's
@@ -40,6 +42,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from twinflow.sampling import SamplerConfig, sample
 from twinflow.training.distributed import all_ranks_agree
+from twinflow.utils.atomic_files import atomic_write_text
 
 if TYPE_CHECKING:
     from twinflow.data.stats import DataStats
@@ -294,10 +297,24 @@ class RunLogger:
                 self.output_dir.mkdir(parents=True, exist_ok=True)
                 self._writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
                 self._metrics = open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8")
+                self._record_config()
                 if progress:
                     from tqdm.auto import tqdm
 
                     self._bar = tqdm(total=config.train.max_steps, desc="train", unit="step", dynamic_ncols=True)
+
+    def _record_config(self) -> None:
+        """Rank 0, at start: the fully resolved config (every key, defaults included) printed, written to
+        ``resolved_config.yaml`` (replaced at each start: a resumed run may have other overrides; each
+        checkpoint's ``meta.json`` keeps the config that wrote it) and logged as TensorBoard text."""
+        from .config import RESOLVED_CONFIG, resolved_yaml
+
+        text = resolved_yaml(self.config)
+        path = self.output_dir / RESOLVED_CONFIG
+        atomic_write_text(path, text)
+        print(f"twinflow train: resolved config (written to {path}):\n{text}", end="", flush=True)
+        # Indented four spaces: TensorBoard renders text as Markdown, where that is a code block.
+        self._writer.add_text("config", textwrap.indent(text, "    "), 0)
 
     # ------------------------------------------------------------------------------------ scalars
     def log_step(self, step: int, scalars: Mapping[str, float]) -> None:

@@ -15,8 +15,9 @@ scheduler (its overflow path), and the trainer skips the EMA update. A finite lo
 is non-finite takes the same path. Skips are counted and logged; ``train.max_consecutive_nonfinite``
 in a row stop the run with :class:`NonFiniteTrainingError`.
 
-The run logger (progress bar, TensorBoard, sample grids) lives in :mod:`.observability`; the loop only
-talks to the small :class:`RunLogger` protocol below.
+The run logger (the resolved config at start, progress bar, TensorBoard, sample grids) lives in
+:mod:`.observability`; the loop only talks to the small :class:`RunLogger` protocol below. Checkpoint
+contents and names belong to :mod:`.checkpoint`; the trainer hands it its components.
 """
 from __future__ import annotations
 
@@ -38,13 +39,16 @@ from twinflow.method.teachers.build import build_run_teacher
 from twinflow.utils.typed_config import ConfigError, to_dict
 
 from .checkpoint import (
+    META,
+    META_CONFIG,
+    META_LAYOUT,
+    META_SCHEDULER,
+    META_TRAIN_STATE,
     CheckpointStore,
-    capture_rng,
-    join_tensors,
-    load_zero3_partition_state,
-    restore_rng,
-    split_tensors,
-    zero3_partition_state,
+    checkpoints_root,
+    is_complete,
+    rank_state,
+    restore_rank_state,
 )
 from .config import TrainConfig
 from .data import build_loader
@@ -80,10 +84,6 @@ class RunLogger(Protocol):
     def log_step(self, step: int, scalars: dict[str, float]) -> None: ...
 
     def maybe_sample(self, step: int, backbone: Any, teacher: Teacher) -> None: ...
-
-    def export(self, out: str | Path, *, weights: Weights = "ema", merge_lora: bool = False) -> Optional[Path]:
-        """Collective: write the online or EMA transformer as a diffusers folder (see :mod:`.export`)."""
-        return export_from_trainer(self, out, weights=weights, merge_lora=merge_lora)
 
     def close(self) -> None: ...
 
@@ -178,7 +178,7 @@ class Trainer:
         self._layout = export_layout(self.backbone, self.optimizer)
         self.loader = build_loader(config.data, config.synthetic_data, config.train.micro_batch_size,
                                    self.dist.rank, self.dist.world_size)
-        self.store = CheckpointStore(config.output_dir / "checkpoints", self.dist.rank, self.dist.world_size,
+        self.store = CheckpointStore(checkpoints_root(config.output_dir), self.dist.rank, self.dist.world_size,
                                      config.train.keep_last, fault_after_rank_files=self._save_fault,
                                      fault_in_commit=self._commit_fault, fault_in_prune=self._prune_fault)
         self.store.sweep_leftovers()  # what a killed save or prune left (.tmp-*, .trash-*)
@@ -268,16 +268,12 @@ class Trainer:
     # --------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
         """Collective: write a complete checkpoint of the current step (see :mod:`.checkpoint`)."""
-        tensors, optim_plain = zero3_partition_state(self.optimizer)
-        teacher_data = split_tensors(self.teacher.state_dict(), "teacher", tensors)
-        rng_tensors, rng_data = capture_rng(self.dist.device)
-        tensors.update(rng_tensors)
-        rank_data = {"teacher": teacher_data, "data": self.loader.state_dict(), "rng": rng_data, "optim": optim_plain}
+        tensors, rank_data = rank_state(self.optimizer, self.teacher, self.loader, self.dist.device)
         meta = {
-            "train_state": dataclasses.asdict(self.state),
-            "scheduler": self.scheduler.state_dict(),
-            "config": to_dict(self.config),
-            "layout": self._layout,
+            META_TRAIN_STATE: dataclasses.asdict(self.state),
+            META_SCHEDULER: self.scheduler.state_dict(),
+            META_CONFIG: to_dict(self.config),
+            META_LAYOUT: self._layout,
         }
         return self.store.save(self.state.step, tensors, rank_data, meta)
 
@@ -293,16 +289,13 @@ class Trainer:
         path = self.store.latest() if mode == "auto" else Path(mode)
         if path is None:
             return None
-        if not (path / "meta.json").is_file():
-            raise ConfigError(f"config key 'train.resume': {path} is not a complete checkpoint (no meta.json)")
+        if not is_complete(path):
+            raise ConfigError(f"config key 'train.resume': {path} is not a complete checkpoint (no {META})")
         with all_ranks_agree(f"reading checkpoint {path}"):  # each rank reads its own files
             meta, tensors, rank_data = self.store.load(path)
-        load_zero3_partition_state(self.optimizer, tensors, rank_data.get("optim", {}))
-        self.teacher.load_state_dict(join_tensors(rank_data["teacher"], tensors))
-        self.scheduler.load_state_dict(meta["scheduler"])
-        self.loader.load_state_dict(rank_data["data"])
-        restore_rng(tensors, rank_data["rng"], self.dist.device)
-        self.state = TrainState(**meta["train_state"])
+        restore_rank_state(self.optimizer, self.teacher, self.loader, tensors, rank_data, self.dist.device)
+        self.scheduler.load_state_dict(meta[META_SCHEDULER])  # pure: no RNG, no collective
+        self.state = TrainState(**meta[META_TRAIN_STATE])
         if self.dist.is_main:
             logger.info("resumed from %s at step %d", path, self.state.step)
         return path
