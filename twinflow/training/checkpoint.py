@@ -106,7 +106,7 @@ def optim_key(group: int, key: str) -> str:
 def ema_shard_key(group: int) -> str:
     """This rank's EMA shard of sub-group ``group`` (full-model runs with an EMA teacher): where
     :func:`split_tensors` puts ``state_dict()["tensors"]["ema.<group>"]`` of the shard EMA teacher
-    (:mod:`.zero_ema`) under :data:`TEACHER`."""
+    (:mod:`twinflow.method.teachers.zero3`) under :data:`TEACHER`."""
     return f"{TEACHER}.tensors.ema.{group}"
 
 
