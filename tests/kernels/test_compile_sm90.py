@@ -60,12 +60,12 @@ def _compile(kernel, types_by_name: dict, constexprs: dict, **options) -> str:
 
 
 def check_ema():
-    from twinflow.kernels import ema
+    from twinflow.kernels import ema_triton
 
     for src_kind, shadow_kind in ((0, -1), (1, 1), (2, 2)):
-        ptx = _compile(ema._ema_chunk_table_kernel, {"table_ptr": "*i64", "coef": "fp32"},
+        ptx = _compile(ema_triton._kernels(False).chunk_table, {"table_ptr": "*i64", "coef": "fp32"},
                        {"SRC_KIND": src_kind, "SHADOW_KIND": shadow_kind, "MODE": 1, "ALIGNED": True,
-                        "BLOCK": ema.BLOCK}, enable_fp_fusion=False)
+                        "BLOCK": ema_triton.BLOCK}, enable_fp_fusion=False)
         assert "fma.rn.f32" not in ptx  # a + c * (b - a) with two roundings, as the reference
 
 
