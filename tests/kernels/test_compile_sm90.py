@@ -75,8 +75,8 @@ def check_twinflow_loss():
     rows, epilogue, grad = loss._kernels(False)
     ints = {n: "i32" for n in ("n", "n_blocks", "E", "B", "stride_f", "stride_t", "stride_vc", "stride_vu",
                                "stride_acc", "stride_rd")}
-    floats = {n: "fp32" for n in ("enr", "r0", "r1", "delta", "n_f", "e_f", "c", "alpha_gap", "exponent",
-                                  "c2_eps", "dist_match_cof", "time_angle")}
+    floats = {n: "fp32" for n in ("enhanced_ratio", "enhanced_range_lo", "enhanced_range_hi", "rcgm_delta", "n_f",
+                                  "e_f", "c", "alpha_gap", "exponent", "c2_eps", "dist_match_cof", "time_angle")}
     ptx = _compile(rows, {**ints, **floats, "F": "*bf16", "adv_ptr": "*u8"},
                    {"HAS_GUIDE": True, "REPLACE": False, "HAS_RCGM": True, "HAS_RECT": True, "SAVE_RES": True,
                     "BLOCK": 1024}, enable_fp_fusion=False)
