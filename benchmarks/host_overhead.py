@@ -44,7 +44,7 @@ class _NoLaunch:
 
 
 def _stub_kernels() -> None:
-    import twinflow.kernels.dual_time_embedding as dte
+    import twinflow.kernels.dual_time_embedding_triton as dte
     import twinflow.kernels.ema_triton as ema
 
     ema._kernels = lambda interpreted: ema._Kernels(_NoLaunch())

@@ -89,7 +89,7 @@ def check_twinflow_loss():
 
 
 def check_dual_time_embedding():
-    from twinflow.kernels import dual_time_embedding as dte
+    from twinflow.kernels import dual_time_embedding_triton as dte
 
     k = dte._kernels(False)
     ints = {n: "i32" for n in ("stride_t", "stride_tt", "B", "D", "C", "N", "M", "g_group_stride")}
