@@ -44,10 +44,10 @@ class _NoLaunch:
 
 
 def _stub_kernels() -> None:
-    import twinflow.kernels.dual_time_embedding as dte
-    import twinflow.kernels.ema as ema
+    import twinflow.kernels.dual_time_embedding_triton as dte
+    import twinflow.kernels.ema_triton as ema
 
-    ema._ema_chunk_table_kernel = _NoLaunch()
+    ema._kernels = lambda interpreted: ema._Kernels(_NoLaunch())
     stubs = dte._Kernels(*(_NoLaunch() for _ in dte._Kernels._fields))
     dte._kernels = lambda interpreted: stubs
 
@@ -70,7 +70,6 @@ def cases():
     from benchmarks.kernel_cases import lora_shapes
     from twinflow.kernels.dual_time_embedding import DualTimestepEmbedding, dual_time_embedding
     from twinflow.kernels.ema import MultiTensorEMA, ema_update_
-    from twinflow.method.ema_schedule import EMADecaySchedule
 
     out = {}
     for count, shapes in (("1440", lora_shapes(64, 4, 60)), ("1", [(1000,)])):
@@ -80,8 +79,8 @@ def cases():
         shadow = [torch.empty(s, dtype=torch.bfloat16) for s in shapes]
         out[f"ema_update_ ({count} tensors, bf16 shadow)"] = (
             lambda e=ema, s=src, sh=shadow: ema_update_(e, s, 0.99, shadow=sh, backend="triton"), 1)
-        averager = MultiTensorEMA(ema, EMADecaySchedule(0.99), shadow_tensors=shadow, backend="triton")
-        out[f"MultiTensorEMA.update ({count} tensors, bf16 shadow)"] = (lambda a=averager, s=src: a.update(s), 1)
+        averager = MultiTensorEMA(ema, shadow_tensors=shadow, backend="triton")
+        out[f"MultiTensorEMA.update ({count} tensors, bf16 shadow)"] = (lambda a=averager, s=src: a.update(s, decay=0.99), 1)
 
     torch.manual_seed(0)
     e1, e2 = QwenTimestepProjEmbeddings(64), QwenTimestepProjEmbeddings(64)

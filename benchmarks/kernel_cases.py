@@ -191,7 +191,7 @@ class LossBench:
     compute dtype, the targets and teacher outputs float32, groups e2e/mul/any/adv in batch order."""
 
     def __init__(self, case: KernelCase, device: torch.device):
-        from twinflow.kernels.twinflow_loss import twinflow_loss
+        from twinflow.method.loss_math import twinflow_loss
 
         batch, latent = case.size["batch"], case.size["latent"]
         self.case, self.device = case, device

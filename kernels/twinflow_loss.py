@@ -1,8 +1,10 @@
 """Fused TwinFlow / RCGM loss (ALGORITHM.md §3.6–3.10) in Triton, with a hand-written backward.
 
-:func:`twinflow_loss` has the signature and semantics of
-:func:`twinflow.method.loss_math.twinflow_loss_reference` (the eager specification) plus a ``backend``
-keyword; it returns ``(base_loss, rect_loss)`` as float32 scalars.
+:func:`twinflow_loss_triton` computes what :func:`twinflow.method.loss_math.twinflow_loss_reference`
+(the eager specification) computes, from the same tensors and, instead of the method's
+``LossArithmetic``, its fields as keyword scalars (this folder imports nothing from ``twinflow``); it
+returns ``(base_loss, rect_loss)`` as float32 scalars. ``twinflow.method.loss_math.twinflow_loss``
+chooses between the two (the ``kernels`` switch).
 
 Design
 ------
@@ -55,7 +57,6 @@ from __future__ import annotations
 
 import functools
 import math
-from contextlib import nullcontext
 from typing import NamedTuple, Optional
 
 import torch
@@ -63,11 +64,9 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from twinflow.method.loss_math import LossArithmetic, twinflow_loss_reference
+from ._common import block_size, cdiv, device_context, interpreter_enabled, jit_kernels, next_power_of_2, use_triton
 
-from ._common import cdiv, interpreter_enabled, jit_kernels, next_power_of_2, use_triton
-
-__all__ = ["twinflow_loss"]
+__all__ = ["twinflow_loss_triton"]
 
 _MAX_BLOCK = 1024
 """Elements of one row per program: large enough to stream, small enough for many programs per row."""
@@ -93,7 +92,7 @@ def _rows_body(
     res_ptr, rres_ptr, part_ptr,
     n, n_blocks, E,
     stride_f, stride_t, stride_vc, stride_vu, stride_acc, stride_rd,
-    enr, r0, r1, delta,
+    enhanced_ratio, enhanced_range_lo, enhanced_range_hi, rcgm_delta,
     HAS_GUIDE: tl.constexpr, REPLACE: tl.constexpr, HAS_RCGM: tl.constexpr, HAS_RECT: tl.constexpr,
     SAVE_RES: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -115,22 +114,22 @@ def _rows_body(
     y = tl.load(T + row64 * stride_t + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_GUIDE:
         # §3.6: guided rows only; the loads of other rows are masked off, so their values never matter.
-        guided = (t > r0) & (t < r1) & not_adv
+        guided = (t > enhanced_range_lo) & (t < enhanced_range_hi) & not_adv
         guide_mask = tl.where(guided, mask, False)
         vc = tl.load(VC + row64 * stride_vc + cols, mask=guide_mask, other=0.0).to(tl.float32)
         vu = tl.load(VU + row64 * stride_vu + cols, mask=guide_mask, other=0.0).to(tl.float32)
         if REPLACE:
-            guided_y = vu + enr * (vc - vu)
+            guided_y = vu + enhanced_ratio * (vc - vu)
         else:
-            guided_y = y + enr * (vc - vu)
+            guided_y = y + enhanced_ratio * (vc - vu)
         y = tl.where(guided, guided_y, y)
     if HAS_RCGM:
         # §3.7 step 3 on non-adv rows; the short branch (gap < delta, t == tt included) does not divide.
         acc_mask = tl.where(not_adv, mask, False)
         acc = tl.load(ACC + row64 * stride_acc + cols, mask=acc_mask, other=0.0).to(tl.float32)
         gap = t - tt
-        long = tl.math.div_rn(f * gap - acc - delta * y, delta)
-        d = tl.where(gap >= delta, long, f - y)
+        long = tl.math.div_rn(f * gap - acc - rcgm_delta * y, rcgm_delta)
+        d = tl.where(gap >= rcgm_delta, long, f - y)
         d = tl.minimum(tl.maximum(d, -1.0), 1.0)
         y = tl.where(not_adv, f - d, y)
     r = tl.where(mask, f - y, 0.0)
@@ -246,8 +245,38 @@ def _kernels(interpreted: bool) -> _Kernels:
 # --------------------------------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------------------------------
-def _as_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+class _Settings(NamedTuple):
+    """The scalar arguments of :func:`twinflow_loss_triton`, by name (ALGORITHM.md §3.6-3.10)."""
+
+    enhanced_ratio: float
+    enhanced_range: tuple[float, float]
+    guide_replace: bool
+    rcgm_delta: float
+    loss_type: str  # "l2" or "barron_reweighting"
+    loss_c: float
+    loss_alpha: float
+    dist_match_cof: float
+
+
+class _Rows(NamedTuple):
+    """Every input but ``F`` as the kernels read it: (rows, n) views with unit stride inside a row (None
+    where that part of the loss is off), float32 times and uint8 row masks."""
+
+    target: torch.Tensor
+    v_c: Optional[torch.Tensor]
+    v_u: Optional[torch.Tensor]
+    rcgm_acc: Optional[torch.Tensor]
+    rect_diff: Optional[torch.Tensor]  # (E, n), E >= 1
+    t: torch.Tensor
+    tt: torch.Tensor
+    adv: torch.Tensor
+    loss_rows: torch.Tensor
+
+
+def _as_rows(x: Optional[torch.Tensor], rows: int) -> Optional[torch.Tensor]:
     """``x`` as (rows, n) with unit stride inside a row: a view when possible, otherwise a copy."""
+    if x is None:
+        return None
     x2 = x.reshape(rows, -1)
     if x2.shape[1] > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
@@ -259,39 +288,27 @@ def _row_stride(x: Optional[torch.Tensor]) -> int:
     return x.stride(0) if x is not None else 0
 
 
-def _block(n: int) -> int:
-    """Columns per program: the row rounded up to a power of two, between 16 and ``_MAX_BLOCK``."""
-    return max(16, min(_MAX_BLOCK, next_power_of_2(n)))
-
-
 def _num_warps(block: int) -> int:
     """Four warps for full blocks; one for short rows, where more would idle."""
     return 4 if block >= 512 else 1
 
 
-def _loss_mode(arith: LossArithmetic) -> int:
+def _loss_mode(settings: _Settings) -> int:
     """The epilogue's constexpr loss mode, with the reference's alpha == 2 test."""
-    if arith.loss.type == "l2":
+    if settings.loss_type == "l2":
         return _L2
-    return _BARRON_CONSTANT if abs(arith.loss.alpha - 2.0) < 1e-5 else _BARRON
+    return _BARRON_CONSTANT if abs(settings.loss_alpha - 2.0) < 1e-5 else _BARRON
 
 
-def _check_inputs(
-    F: torch.Tensor,
-    target: torch.Tensor,
-    t: torch.Tensor,
-    tt: torch.Tensor,
-    adv: torch.Tensor,
-    loss_rows: torch.Tensor,
-    v_c: Optional[torch.Tensor],
-    v_u: Optional[torch.Tensor],
-    rcgm_acc: Optional[torch.Tensor],
-    rect_diff: Optional[torch.Tensor],
-) -> None:
-    """Clear errors for inputs the kernel cannot take (the reference would fail or broadcast)."""
+def _check_inputs(F: torch.Tensor, target: torch.Tensor, t: torch.Tensor, tt: torch.Tensor, adv: torch.Tensor,
+                  loss_rows: torch.Tensor, guidance: tuple, rcgm_acc: Optional[torch.Tensor],
+                  rect_diff: Optional[torch.Tensor]) -> None:
+    """Clear errors for inputs the kernel cannot take (the reference would fail or broadcast).
+    ``guidance`` is ``(v_c, v_u)``."""
     if F.dim() < 1 or F.shape[0] == 0 or F[0].numel() == 0:
         raise ValueError(f"F must have at least one row of at least one element, got shape {tuple(F.shape)}")
     B = F.shape[0]
+    v_c, v_u = guidance
     for name, x in (("target", target), ("v_c", v_c), ("v_u", v_u), ("rcgm_acc", rcgm_acc)):
         if x is not None and x.shape != F.shape:
             raise ValueError(f"{name} has shape {tuple(x.shape)} but F has shape {tuple(F.shape)}")
@@ -319,35 +336,14 @@ class _Forward(NamedTuple):
     rres: Optional[torch.Tensor]  # (E, n) float32 F - y_rect, when saved
 
 
-def _forward(
-    F: torch.Tensor,
-    target: torch.Tensor,
-    t: torch.Tensor,
-    tt: torch.Tensor,
-    adv: torch.Tensor,
-    loss_rows: torch.Tensor,
-    arith: LossArithmetic,
-    v_c: Optional[torch.Tensor],
-    v_u: Optional[torch.Tensor],
-    rcgm_acc: Optional[torch.Tensor],
-    rect_diff: Optional[torch.Tensor],
-    save_residuals: bool,
-) -> _Forward:
+def _forward(F: torch.Tensor, rows: _Rows, settings: _Settings, save_residuals: bool) -> _Forward:
     """The two forward launches on validated inputs."""
     B = F.shape[0]
-    E = rect_diff.shape[0] if rect_diff is not None else 0
-    F2, T2 = _as_rows(F, B), _as_rows(target, B)
-    VC2 = _as_rows(v_c, B) if v_c is not None else None
-    VU2 = _as_rows(v_u, B) if v_c is not None else None
-    ACC2 = _as_rows(rcgm_acc, B) if rcgm_acc is not None else None
-    RD2 = _as_rows(rect_diff, E) if E else None
+    E = rows.rect_diff.shape[0] if rows.rect_diff is not None else 0
+    F2 = _as_rows(F, B)
     n = F2.shape[1]
-    t32, tt32 = t.float().contiguous(), tt.float().contiguous()
-    adv8, sel8 = adv.contiguous().view(torch.uint8), loss_rows.contiguous().view(torch.uint8)
-
-    device = F.device
-    f32 = dict(dtype=torch.float32, device=device)
-    block = _block(n)
+    f32 = dict(dtype=torch.float32, device=F.device)
+    block = block_size(n, _MAX_BLOCK)
     n_blocks = cdiv(n, block)
     partials = torch.empty(B, n_blocks, 2, **f32)
     res = torch.empty(B, n, **f32) if save_residuals else None
@@ -355,30 +351,33 @@ def _forward(
     base, rect = torch.empty((), **f32), torch.empty((), **f32)
     coef = torch.empty(2, B, **f32)
 
-    r0, r1 = arith.enhanced_range
-    loss_cfg = arith.loss
     block_b = max(16, next_power_of_2(B))
     block_p = max(1, min(next_power_of_2(n_blocks), _EPILOGUE_TILE // block_b))
-    interpreted = interpreter_enabled()
-    kernels = _kernels(interpreted)
+    kernels = _kernels(interpreter_enabled())
     dummy = partials  # any tensor: a pointer argument whose loads/stores are compiled out
-    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+    with device_context(F.device):
         kernels.rows[(n_blocks, B)](
-            F2, T2, _or(VC2, dummy), _or(VU2, dummy), _or(ACC2, dummy), _or(RD2, dummy), t32, tt32, adv8,
-            _or(res, dummy), _or(rres, dummy), partials,
-            n, n_blocks, E,
-            F2.stride(0), T2.stride(0), _row_stride(VC2), _row_stride(VU2), _row_stride(ACC2), _row_stride(RD2),
-            float(arith.enhanced_ratio), float(r0), float(r1), float(arith.rcgm_delta),
-            HAS_GUIDE=VC2 is not None, REPLACE=bool(arith.guide_replace), HAS_RCGM=ACC2 is not None,
-            HAS_RECT=E > 0, SAVE_RES=save_residuals, BLOCK=block, num_warps=_num_warps(block),
-            enable_fp_fusion=False,
+            F=F2, T=rows.target, VC=_or(rows.v_c, dummy), VU=_or(rows.v_u, dummy), ACC=_or(rows.rcgm_acc, dummy),
+            RD=_or(rows.rect_diff, dummy), t_ptr=rows.t, tt_ptr=rows.tt, adv_ptr=rows.adv,
+            res_ptr=_or(res, dummy), rres_ptr=_or(rres, dummy), part_ptr=partials,
+            n=n, n_blocks=n_blocks, E=E,
+            stride_f=F2.stride(0), stride_t=rows.target.stride(0), stride_vc=_row_stride(rows.v_c),
+            stride_vu=_row_stride(rows.v_u), stride_acc=_row_stride(rows.rcgm_acc),
+            stride_rd=_row_stride(rows.rect_diff),
+            enhanced_ratio=float(settings.enhanced_ratio), enhanced_range_lo=float(settings.enhanced_range[0]),
+            enhanced_range_hi=float(settings.enhanced_range[1]), rcgm_delta=float(settings.rcgm_delta),
+            HAS_GUIDE=rows.v_c is not None, REPLACE=bool(settings.guide_replace),
+            HAS_RCGM=rows.rcgm_acc is not None, HAS_RECT=E > 0, SAVE_RES=save_residuals, BLOCK=block,
+            num_warps=_num_warps(block), enable_fp_fusion=False,
         )
+        c, alpha = settings.loss_c, settings.loss_alpha
         kernels.epilogue[(1,)](
-            partials, t32, tt32, adv8, sel8, base, rect, coef,
-            B, E, n_blocks, float(n), float(max(E, 1)), float(loss_cfg.c), abs(loss_cfg.alpha - 2.0), (loss_cfg.alpha - 2.0) / 2.0,
-            loss_cfg.c * loss_cfg.c + 1e-8, float(arith.dist_match_cof), math.pi / 2.5,
-            LOSS=_loss_mode(arith), BLOCK_B=block_b, BLOCK_P=block_p, num_warps=4,
-            enable_fp_fusion=False,
+            part_ptr=partials, t_ptr=rows.t, tt_ptr=rows.tt, adv_ptr=rows.adv, sel_ptr=rows.loss_rows,
+            base_ptr=base, rect_ptr=rect, coef_ptr=coef,
+            B=B, E=E, n_blocks=n_blocks, n_f=float(n), e_f=float(max(E, 1)), c=float(c),
+            alpha_gap=abs(alpha - 2.0), exponent=(alpha - 2.0) / 2.0, c2_eps=c * c + 1e-8,
+            dist_match_cof=float(settings.dist_match_cof), time_angle=math.pi / 2.5,
+            LOSS=_loss_mode(settings), BLOCK_B=block_b, BLOCK_P=block_p, num_warps=4, enable_fp_fusion=False,
         )
     return _Forward(base, rect, coef, res, rres)
 
@@ -394,27 +393,24 @@ def _grad(fwd_coef: torch.Tensor, res: torch.Tensor, rres: Optional[torch.Tensor
     B, n = res.shape
     E = rres.shape[0] if rres is not None else 0
     dF = torch.empty(B, n, dtype=dtype, device=res.device)
-    block = _block(n)
-    interpreted = interpreter_enabled()
-    with torch.cuda.device(res.device) if res.device.type == "cuda" else nullcontext():
-        _kernels(interpreted).grad[(cdiv(n, block), B)](
-            res, _or(rres, res), fwd_coef, g_base.float().contiguous(), g_rect.float().contiguous(), dF,
-            B, E, n, HAS_RECT=E > 0, BLOCK=block, num_warps=_num_warps(block),
-            enable_fp_fusion=False,
+    block = block_size(n, _MAX_BLOCK)
+    with device_context(res.device):
+        _kernels(interpreter_enabled()).grad[(cdiv(n, block), B)](
+            res_ptr=res, rres_ptr=_or(rres, res), coef_ptr=fwd_coef, g_base_ptr=g_base.float().contiguous(),
+            g_rect_ptr=g_rect.float().contiguous(), dF_ptr=dF, B=B, E=E, n=n,
+            HAS_RECT=E > 0, BLOCK=block, num_warps=_num_warps(block), enable_fp_fusion=False,
         )
     return dF
 
 
 class _TwinFlowLossFn(torch.autograd.Function):
-    """Autograd wrapper: gradient to ``F`` only (targets and teacher outputs are constants)."""
+    """Autograd wrapper: gradient to ``F`` only (targets and teacher outputs are constants). ``F`` is the
+    one tensor argument; the other inputs arrive as a :class:`_Rows` and the scalars as a
+    :class:`_Settings`, both built by keyword (``apply`` takes positional arguments only)."""
 
     @staticmethod
-    def forward(ctx, F: torch.Tensor, target: torch.Tensor, t: torch.Tensor, tt: torch.Tensor, adv: torch.Tensor,
-                loss_rows: torch.Tensor, arith: LossArithmetic, v_c: Optional[torch.Tensor],
-                v_u: Optional[torch.Tensor], rcgm_acc: Optional[torch.Tensor],
-                rect_diff: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        save = ctx.needs_input_grad[0]
-        out = _forward(F, target, t, tt, adv, loss_rows, arith, v_c, v_u, rcgm_acc, rect_diff, save)
+    def forward(ctx, F: torch.Tensor, rows: _Rows, settings: _Settings) -> tuple[torch.Tensor, torch.Tensor]:
+        out = _forward(F, rows, settings, save_residuals=ctx.needs_input_grad[0])
         ctx.save_for_backward(out.coef, out.res, out.rres)
         ctx.f_shape, ctx.f_dtype = F.shape, F.dtype
         return out.base, out.rect
@@ -424,36 +420,38 @@ class _TwinFlowLossFn(torch.autograd.Function):
     def backward(ctx, g_base: torch.Tensor, g_rect: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         coef, res, rres = ctx.saved_tensors
         dF = _grad(coef, res, rres, g_base, g_rect, ctx.f_dtype).view(ctx.f_shape)
-        return (dF,) + (None,) * 10
+        return dF, None, None
 
 
-def twinflow_loss(
-    F: torch.Tensor,
-    target: torch.Tensor,
-    t: torch.Tensor,
-    tt: torch.Tensor,
-    adv: torch.Tensor,
-    loss_rows: torch.Tensor,
-    arith: LossArithmetic,
-    v_c: Optional[torch.Tensor] = None,
-    v_u: Optional[torch.Tensor] = None,
-    rcgm_acc: Optional[torch.Tensor] = None,
-    rect_diff: Optional[torch.Tensor] = None,
-    *,
-    backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Base loss (§3.8) and rectification loss (§3.9, scaled by ``dist_match_cof``) of one step.
+def twinflow_loss_triton(F: torch.Tensor, target: torch.Tensor, t: torch.Tensor, tt: torch.Tensor,
+                         adv: torch.Tensor, loss_rows: torch.Tensor, *, v_c: Optional[torch.Tensor] = None,
+                         v_u: Optional[torch.Tensor] = None, rcgm_acc: Optional[torch.Tensor] = None,
+                         rect_diff: Optional[torch.Tensor] = None, enhanced_ratio: float,
+                         enhanced_range: tuple[float, float], guide_replace: bool, rcgm_delta: float,
+                         loss_type: str, loss_c: float, loss_alpha: float,
+                         dist_match_cof: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Base loss (§3.8) and rectification loss (§3.9, scaled by ``dist_match_cof``) of one step, fused.
 
-    Arguments and results as :func:`twinflow.method.loss_math.twinflow_loss_reference`; ``backend`` is
-    "auto", "triton" or "eager" (:func:`twinflow.kernels._common.use_triton`). The Triton path returns
-    float32 scalars (also the zero rectification loss when ``rect_diff`` is None or empty) and
-    differentiates with respect to ``F`` only.
+    Tensors as :func:`twinflow.method.loss_math.twinflow_loss_reference`; the scalars are the fields of
+    its ``LossArithmetic`` (``loss_type``, ``loss_c``, ``loss_alpha``: its ``loss`` config's ``type``,
+    ``c``, ``alpha``). Returns float32 scalars (also the zero rectification loss when ``rect_diff`` is
+    None or empty) and differentiates with respect to ``F`` only. Raises
+    :class:`~twinflow.kernels._common.KernelBackendError` where Triton cannot run on these tensors
+    (``twinflow.method.loss_math.twinflow_loss`` chooses between this and the reference).
     """
-    if not use_triton(F, target, t, tt, adv, loss_rows, v_c, v_u, rcgm_acc, rect_diff, backend=backend):
-        return twinflow_loss_reference(
-            F, target, t, tt, adv, loss_rows, arith, v_c=v_c, v_u=v_u, rcgm_acc=rcgm_acc, rect_diff=rect_diff
-        )
-    _check_inputs(F, target, t, tt, adv, loss_rows, v_c, v_u, rcgm_acc, rect_diff)
-    if rect_diff is not None and rect_diff.shape[0] == 0:
-        rect_diff = None
-    return _TwinFlowLossFn.apply(F, target, t, tt, adv, loss_rows, arith, v_c, v_u, rcgm_acc, rect_diff)
+    use_triton(F, target, t, tt, adv, loss_rows, v_c, v_u, rcgm_acc, rect_diff, backend="triton")
+    _check_inputs(F, target, t, tt, adv, loss_rows, (v_c, v_u), rcgm_acc, rect_diff)
+    B = F.shape[0]
+    E = rect_diff.shape[0] if rect_diff is not None else 0
+    rows = _Rows(
+        target=_as_rows(target, B), v_c=_as_rows(v_c, B), v_u=_as_rows(v_u, B) if v_c is not None else None,
+        rcgm_acc=_as_rows(rcgm_acc, B), rect_diff=_as_rows(rect_diff, E) if E else None,
+        t=t.float().contiguous(), tt=tt.float().contiguous(),
+        adv=adv.contiguous().view(torch.uint8), loss_rows=loss_rows.contiguous().view(torch.uint8),
+    )
+    settings = _Settings(
+        enhanced_ratio=enhanced_ratio, enhanced_range=enhanced_range, guide_replace=guide_replace,
+        rcgm_delta=rcgm_delta, loss_type=loss_type, loss_c=loss_c, loss_alpha=loss_alpha,
+        dist_match_cof=dist_match_cof,
+    )
+    return _TwinFlowLossFn.apply(F, rows, settings)

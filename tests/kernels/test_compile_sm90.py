@@ -60,12 +60,12 @@ def _compile(kernel, types_by_name: dict, constexprs: dict, **options) -> str:
 
 
 def check_ema():
-    from twinflow.kernels import ema
+    from twinflow.kernels import ema_triton
 
     for src_kind, shadow_kind in ((0, -1), (1, 1), (2, 2)):
-        ptx = _compile(ema._ema_chunk_table_kernel, {"table_ptr": "*i64", "coef": "fp32"},
+        ptx = _compile(ema_triton._kernels(False).chunk_table, {"table_ptr": "*i64", "coef": "fp32"},
                        {"SRC_KIND": src_kind, "SHADOW_KIND": shadow_kind, "MODE": 1, "ALIGNED": True,
-                        "BLOCK": ema.BLOCK}, enable_fp_fusion=False)
+                        "BLOCK": ema_triton.BLOCK}, enable_fp_fusion=False)
         assert "fma.rn.f32" not in ptx  # a + c * (b - a) with two roundings, as the reference
 
 
@@ -75,8 +75,8 @@ def check_twinflow_loss():
     rows, epilogue, grad = loss._kernels(False)
     ints = {n: "i32" for n in ("n", "n_blocks", "E", "B", "stride_f", "stride_t", "stride_vc", "stride_vu",
                                "stride_acc", "stride_rd")}
-    floats = {n: "fp32" for n in ("enr", "r0", "r1", "delta", "n_f", "e_f", "c", "alpha_gap", "exponent",
-                                  "c2_eps", "dist_match_cof", "time_angle")}
+    floats = {n: "fp32" for n in ("enhanced_ratio", "enhanced_range_lo", "enhanced_range_hi", "rcgm_delta", "n_f",
+                                  "e_f", "c", "alpha_gap", "exponent", "c2_eps", "dist_match_cof", "time_angle")}
     ptx = _compile(rows, {**ints, **floats, "F": "*bf16", "adv_ptr": "*u8"},
                    {"HAS_GUIDE": True, "REPLACE": False, "HAS_RCGM": True, "HAS_RECT": True, "SAVE_RES": True,
                     "BLOCK": 1024}, enable_fp_fusion=False)
@@ -89,7 +89,7 @@ def check_twinflow_loss():
 
 
 def check_dual_time_embedding():
-    from twinflow.kernels import dual_time_embedding as dte
+    from twinflow.kernels import dual_time_embedding_triton as dte
 
     k = dte._kernels(False)
     ints = {n: "i32" for n in ("stride_t", "stride_tt", "B", "D", "C", "N", "M", "g_group_stride")}

@@ -136,7 +136,7 @@ def test_forward_matches_reference(device, batch, width, dtype, poisoned_allocat
 def test_combine_grid_covers_every_sm_at_qwen_width(batch):
     """Issue 12 item 7: the Linear2 + combine launch at D = 3072 has at least one program per SM of
     an H200 (132), and its reduction step (hence the summation order) does not depend on the SMs."""
-    from twinflow.kernels.dual_time_embedding import _tiles
+    from twinflow.kernels.dual_time_embedding_triton import _tiles
 
     tiles = _tiles(batch, 3072, 256, 132)
     programs = -(-batch // tiles.b) * -(-3072 // tiles.n2)

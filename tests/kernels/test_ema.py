@@ -1,4 +1,4 @@
-"""Multi-tensor EMA kernel (kernels/ema.py) against its eager reference and float64 truth.
+"""Multi-tensor EMA kernel (kernels/ema.py, kernels/ema_triton.py) against its eager reference and float64 truth.
 
 The kernel and the reference evaluate the same float32 formula with the same roundings, so they are
 compared bit for bit; float64 truth bounds the error of that formula itself. The ``device`` fixture
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from twinflow.kernels import ema as ema_mod
+from twinflow.kernels import ema_triton
 from twinflow.kernels._common import KernelBackendError
 from twinflow.kernels.ema import MultiTensorEMA, ema_update_, ema_update_reference_
 from twinflow.method.ema_schedule import EMADecaySchedule
@@ -32,7 +33,7 @@ def mixed_shapes(seed: int = 0) -> list[tuple[int, ...]]:
     """Sizes 1, odd and non-power-of-two, many small tensors, and a few spanning several blocks."""
     g = torch.Generator().manual_seed(seed)
     small = [(int(n),) for n in torch.randint(1, 40, (20,), generator=g)]
-    return [(1,), (7,), (3, 5), (1, 1), (2, 3, 4), (33, 31), (1000,), (2 * ema_mod.BLOCK + 3,)] + small
+    return [(1,), (7,), (3, 5), (1, 1), (2, 3, 4), (33, 31), (1000,), (2 * ema_triton.BLOCK + 3,)] + small
 
 
 def randn(shape, dtype=torch.float32, device="cpu", seed=0) -> torch.Tensor:
@@ -51,13 +52,13 @@ def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, what: str
 def launches(monkeypatch):
     """Records every kernel launch (one entry per call of the launcher)."""
     calls = []
-    real = ema_mod._launch
+    real = ema_triton.launch
 
-    def counting(group, coefficient):
+    def counting(group, mode, coef):
         calls.append(group.table.shape[0])
-        real(group, coefficient)
+        real(group, mode, coef)
 
-    monkeypatch.setattr(ema_mod, "_launch", counting)
+    monkeypatch.setattr(ema_triton, "launch", counting)
     return calls
 
 
@@ -111,10 +112,10 @@ def test_launch_count_depends_on_dtype_groups_not_tensor_count(device, count, la
     assert len(launches) == len(set(dtypes))
 
 
-@pytest.mark.parametrize("chunk", [48, 50, ema_mod.CHUNK])
+@pytest.mark.parametrize("chunk", [48, 50, ema_triton.CHUNK])
 def test_flat_partition_spanning_many_chunks(device, chunk, launches):
     """A ZeRO-3 shard: one flat fp32 EMA beside one flat bf16 partition, split over several rows."""
-    n = 2 * ema_mod.CHUNK + 3 * ema_mod.BLOCK + 5 if chunk == ema_mod.CHUNK else 1001
+    n = 2 * ema_triton.CHUNK + 3 * ema_triton.BLOCK + 5 if chunk == ema_triton.CHUNK else 1001
     ema, src = randn((n,), device=device, seed=1), randn((n,), torch.bfloat16, device, seed=2)
     ref = ema.clone()
     ema_mod._ema_update_triton([ema], [src], None, 0.6, chunk=chunk)
@@ -129,7 +130,7 @@ def test_views_leave_guard_regions_untouched(device, aligned):
 
     Offsets that are multiples of 16 elements take the kernel's vectorised (aligned) path, odd offsets
     the scalar one; the test checks which path the host chose."""
-    shapes = [(1,), (17,), (4, 9), (2 * ema_mod.BLOCK + 1,)]
+    shapes = [(1,), (17,), (4, 9), (2 * ema_triton.BLOCK + 1,)]
     guard, align = (16, 16) if aligned else (3, 1)
     offsets, total = [], guard
     for s in shapes:
@@ -145,7 +146,7 @@ def test_views_leave_guard_regions_untouched(device, aligned):
     expected_ema, expected_shadow = ema_buf.clone(), shadow_buf.clone()
     ema_update_reference_(views(expected_ema), src, 0.25, views(expected_shadow))
 
-    groups = ema_mod._build_groups(ema, src, shadow, None, ema_mod.CHUNK)
+    groups = ema_triton.build_groups(ema, src, shadow, None, ema_triton.CHUNK)
     assert [g.aligned for g in groups] == [aligned]
     ema_update_(ema, src, 0.25, shadow=shadow, backend="triton")
     assert_bitwise_equal(ema_buf, expected_ema, "ema buffer with guards")
@@ -165,8 +166,8 @@ def test_first_update_copies_the_source_exactly(device, src_dtype):
     src = [special_values(src_dtype).to(device), randn((3, 7), src_dtype, device, seed=9)]
     ema = [torch.full(s.shape, float("nan"), device=device) for s in src]
     shadow = [torch.full(s.shape, float("nan"), dtype=src_dtype, device=device) for s in src]
-    averager = MultiTensorEMA(ema, EMADecaySchedule(0.99), shadow_tensors=shadow, backend="triton")
-    assert averager.update(src) == 0.0
+    averager = MultiTensorEMA(ema, shadow_tensors=shadow, backend="triton")
+    averager.update(src, decay=EMADecaySchedule(0.99).next_decay())
     for i, s in enumerate(src):
         assert_bitwise_equal(ema[i], s.float(), f"ema[{i}]")
         assert_bitwise_equal(shadow[i], s, f"shadow[{i}]")
@@ -174,25 +175,20 @@ def test_first_update_copies_the_source_exactly(device, src_dtype):
 
 @pytest.mark.parametrize("backend", ["triton", "eager"])
 def test_schedule_sequence_matches_hand_computation(device, backend):
+    """The decays of the teacher's schedule, applied step by step, against float64 truth."""
     # d_{k+1} = d_k + (1 - d_k)(0.9 - d_k)/2 from d_0 = 0, worked by hand.
     expected_decays = [0.0, 0.45, 0.57375, 0.64328203125]
     ema = [torch.zeros(5, device=device), torch.zeros(2, 3, device=device)]
-    averager = MultiTensorEMA(ema, EMADecaySchedule(0.9), backend=backend)
+    averager, schedule = MultiTensorEMA(ema, backend=backend), EMADecaySchedule(0.9)
     truth = [e.double() for e in ema]
     for step, expected in enumerate(expected_decays):
         src = [randn(e.shape, torch.bfloat16, device, seed=10 * step + i) for i, e in enumerate(ema)]
-        assert averager.update(src) == pytest.approx(expected, rel=1e-15, abs=0)
+        decay = schedule.next_decay()
+        assert decay == pytest.approx(expected, rel=1e-15, abs=0)
+        averager.update(src, decay=decay)
         truth = [expected * t + (1 - expected) * s.double() for t, s in zip(truth, src)]
         for e, t in zip(ema, truth):
             torch.testing.assert_close(e.double(), t, rtol=1e-6, atol=1e-7)
-    state = averager.state_dict()
-    assert state == {"target": 0.9, "decay": pytest.approx(0.64328203125 + 0.35671796875 * 0.25671796875 / 2),
-                     "num_updates": 4}
-    resumed = MultiTensorEMA([e.clone() for e in ema], EMADecaySchedule(0.9), backend=backend)
-    resumed.load_state_dict(state)
-    assert resumed.update([torch.zeros_like(e) for e in ema]) == state["decay"]
-    with pytest.raises(ValueError, match="ema_decay_rate=0.5"):
-        MultiTensorEMA(ema, EMADecaySchedule(0.5)).load_state_dict(state)
 
 
 def test_agrees_with_torch_foreach_lerp(device):
@@ -237,19 +233,18 @@ def test_offsets_past_two_to_the_31_use_int64(device):
 
 def test_chunk_tables_are_cached_and_rebuilt_when_tensors_change(device, monkeypatch):
     builds = []
-    real = ema_mod._build_groups
-    monkeypatch.setattr(ema_mod, "_build_groups", lambda *a: builds.append(1) or real(*a))
+    real = ema_triton.build_groups
+    monkeypatch.setattr(ema_triton, "build_groups", lambda *a: builds.append(1) or real(*a))
     ema = [randn((9,), device=device, seed=1), randn((4, 4), device=device, seed=2)]
     src = [randn((9,), device=device, seed=3), randn((4, 4), device=device, seed=4)]
-    averager = MultiTensorEMA(ema, EMADecaySchedule(0.5), backend="triton")
-    averager.update(src)
-    averager.update(src)
+    averager = MultiTensorEMA(ema, backend="triton")
+    averager.update(src, decay=0.0)
+    averager.update(src, decay=0.25)
     assert len(builds) == 1
     new_src = [src[0], randn((4, 4), device=device, seed=5)]  # a new address: the table must follow
     ref = [e.clone() for e in ema]
-    decay = averager.schedule.decay
-    averager.update(new_src)
-    ema_update_reference_(ref, new_src, decay)
+    averager.update(new_src, decay=0.375)
+    ema_update_reference_(ref, new_src, 0.375)
     assert len(builds) == 2
     for i in range(2):
         assert_bitwise_equal(ema[i], ref[i], f"ema[{i}] after the source moved")
@@ -314,15 +309,21 @@ def test_unknown_backend_is_rejected_even_for_empty_lists():
     with pytest.raises(KernelBackendError, match="unknown kernel backend 'cuda'"):
         ema_update_([], [], 0.5, backend="cuda")
     with pytest.raises(KernelBackendError, match="unknown kernel backend"):
-        MultiTensorEMA([torch.zeros(2)], EMADecaySchedule(0.9), backend="fast")
+        MultiTensorEMA([torch.zeros(2)], backend="fast")
 
 
-def test_rejected_update_does_not_advance_the_schedule():
-    averager = MultiTensorEMA([torch.zeros(2)], EMADecaySchedule(0.9), backend="eager")
+def test_rejected_update_changes_nothing():
+    """Every input is checked before anything is written (the teacher advances its schedule after the
+    update, so a rejected update leaves the schedule unchanged too)."""
+    ema = [torch.zeros(2)]
+    averager = MultiTensorEMA(ema, backend="eager")
     with pytest.raises(ValueError, match=r"src\[0\] has shape"):
-        averager.update([torch.zeros(3)])
-    assert averager.state_dict()["num_updates"] == 0
-    assert averager.update([torch.ones(2)]) == 0.0
+        averager.update([torch.zeros(3)], decay=0.0)
+    with pytest.raises(ValueError, match="finite number in \\[0, 1\\]"):
+        averager.update([torch.ones(2)], decay=1.5)
+    assert torch.equal(ema[0], torch.zeros(2))
+    averager.update([torch.ones(2)], decay=0.0)
+    assert torch.equal(ema[0], torch.ones(2))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -341,9 +342,9 @@ def test_steady_state_calls_validate_once(device, validations, launches):
     ema = [randn((9,), device=device, seed=1), randn((4, 4), device=device, seed=2)]
     src = [randn((9,), torch.bfloat16, device=device, seed=3), randn((4, 4), device=device, seed=4)]
     shadow = [torch.empty(9, dtype=torch.bfloat16, device=device), torch.empty(4, 4, dtype=torch.float16, device=device)]
-    averager = MultiTensorEMA(ema, EMADecaySchedule(0.9), shadow_tensors=shadow, backend="triton")
-    for _ in range(3):
-        averager.update(src)
+    averager = MultiTensorEMA(ema, shadow_tensors=shadow, backend="triton")
+    for decay in (0.0, 0.45, 0.57375):
+        averager.update(src, decay=decay)
     assert len(validations) == 1
     ref, ref_shadow = [e.clone() for e in ema], [s.clone() for s in shadow]
     for step in range(3):  # the functional API: a new list object each call, same tensors
@@ -381,17 +382,16 @@ def test_changed_tensor_after_first_call_is_detected(device, validations, change
         pytest.skip("an EMA must stay float32 (covered by the rejection test below)")
     ema = [randn((16,), device=device, seed=1)]
     src = [randn((16,), device=device, seed=2)]
-    averager = MultiTensorEMA(ema, EMADecaySchedule(0.5), backend="triton")
-    averager.update(src)
+    averager = MultiTensorEMA(ema, backend="triton")
+    averager.update(src, decay=0.0)
     target = src[0] if which == "src" else ema[0]
     old_ptr = target.data_ptr()
     change(target)
     assert target.data_ptr() != old_ptr or change is _swap_dtype_same_address
     ref = [ema[0].clone()]
-    decay = averager.schedule.decay
-    averager.update(src)
+    averager.update(src, decay=0.25)
     assert len(validations) == 2
-    ema_update_reference_(ref, src, decay)
+    ema_update_reference_(ref, src, 0.25)
     assert_bitwise_equal(ema[0], ref[0], "ema after the change")
 
 
@@ -400,16 +400,16 @@ def test_shrunk_or_retyped_tensor_at_the_same_address_is_rejected(device):
     launching over the old 16 elements. Same for an EMA re-typed in place."""
     ema = [randn((16,), device=device, seed=1)]
     src = [randn((16,), device=device, seed=2)]
-    averager = MultiTensorEMA(ema, EMADecaySchedule(0.5), backend="triton")
-    averager.update(src)
+    averager = MultiTensorEMA(ema, backend="triton")
+    averager.update(src, decay=0.0)
     src[0].data = src[0].data[:8]
     with pytest.raises(ValueError, match=r"src\[0\] has shape \(8,\) but ema\[0\] has shape \(16,\)"):
-        averager.update(src)
+        averager.update(src, decay=0.25)
     src[0].data = randn((16,), device=device, seed=3)
-    averager.update(src)
+    averager.update(src, decay=0.25)
     ema[0].data = ema[0].data.view(torch.int32)
     with pytest.raises(TypeError, match=r"ema\[0\] must be float32"):
-        averager.update(src)
+        averager.update(src, decay=0.25)
 
 
 def test_round_to_float32_matches_torch():

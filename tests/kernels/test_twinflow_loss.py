@@ -1,6 +1,7 @@
 """Fused TwinFlow loss kernel (kernels/twinflow_loss.py) against the eager specification.
 
-Every check compares ``twinflow_loss(..., backend="triton")`` with ``twinflow_loss_reference`` (loss_math.py)
+Every check compares ``twinflow_loss(..., backend="triton")`` (loss_math.py, which runs the kernel's
+``twinflow_loss_triton``) with ``twinflow_loss_reference`` (loss_math.py)
 differentiated by torch autograd: both loss values, and dL/dF of ``G_BASE * base + G_RECT * rect`` (two
 different upstream weights, so both gradient terms and their scaling are checked). The kernel runs with
 poisoned allocations, so an output or gradient element it fails to write is NaN and fails the check.
@@ -22,9 +23,8 @@ import torch
 
 from twinflow.backbones.mlp import DualTimeMLP
 from twinflow.kernels import twinflow_loss as loss_mod
-from twinflow.kernels.twinflow_loss import twinflow_loss
 from twinflow.method.config import LossFuncConfig, TwinFlowConfig
-from twinflow.method.loss_math import LossArithmetic, twinflow_loss_reference
+from twinflow.method.loss_math import LossArithmetic, twinflow_loss, twinflow_loss_reference
 from twinflow.method.objective import TwinFlowObjective
 from twinflow.method.teachers.build import build_teacher
 

@@ -38,10 +38,12 @@ def test_the_objective_passes_the_key_by_name():
     assert any(kw.arg == KEY for call in calls for kw in call.keywords)
 
 
-# Enable after merging the branch that makes kernels/twinflow_loss.py take its scalars by keyword (issue
-# 13, item 7, second bullet): at 21646a3 the value reaches the kernel positionally, as `enr`. Remove the
-# marker then; strict, so this test fails as a reminder once the keyword is there.
-@pytest.mark.xfail(strict=True, reason="kernels/twinflow_loss.py does not take enhanced_ratio by keyword yet")
 def test_the_loss_kernel_takes_the_key_by_name():
     functions = [node for node in ast.walk(_tree("kernels/twinflow_loss.py")) if isinstance(node, ast.FunctionDef)]
     assert any(KEY in [a.arg for a in fn.args.args + fn.args.kwonlyargs] for fn in functions)
+
+
+def test_the_backend_choice_passes_the_key_to_the_kernel_by_name():
+    """``loss_math.twinflow_loss`` picks the kernel or the reference and hands the value on by name."""
+    calls = [node for node in ast.walk(_tree("twinflow/method/loss_math.py")) if isinstance(node, ast.Call)]
+    assert any(kw.arg == KEY for call in calls for kw in call.keywords)

@@ -1,9 +1,10 @@
 """The loss arithmetic of one TwinFlow step (ALGORITHM.md §3.6–3.10), in eager PyTorch.
 
 This is the executable form of the specification and the reference that the fused Triton loss kernel
-(``twinflow.kernels.twinflow_loss``) must match. It takes the main prediction ``F`` and the teacher
-outputs the objective gathered (guidance ``v_c``/``v_u``, the RCGM integral ``acc``, the rectification
-difference ``v_fake - v_real``) and returns the two scalar loss parts.
+(``twinflow.kernels.twinflow_loss``) must match; :func:`twinflow_loss` chooses between the two. The
+reference takes the main prediction ``F`` and the teacher outputs the objective gathered (guidance
+``v_c``/``v_u``, the RCGM integral ``acc``, the rectification difference ``v_fake - v_real``) and
+returns the two scalar loss parts.
 
 The final target is a constant for autograd: it is built from ``F.detach()`` (the RCGM target is
 ``F.detach() - clamp(d, -1, 1)`` with ``d`` computed from the detached prediction), so the gradient
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from twinflow.kernels._common import use_triton
 
 from .config import LossFuncConfig
 from .losses import per_sample_loss
@@ -135,3 +138,28 @@ def twinflow_loss_reference(
     dv = rect_diff.float().clamp(-1.0, 1.0)
     rect = per_sample_loss(F_e, F_e.detach().float() - dv, arith.loss).mean() * arith.dist_match_cof
     return base, rect
+
+
+def twinflow_loss(F: torch.Tensor, target: torch.Tensor, t: torch.Tensor, tt: torch.Tensor, adv: torch.Tensor,
+                  loss_rows: torch.Tensor, arith: LossArithmetic, v_c: Optional[torch.Tensor] = None,
+                  v_u: Optional[torch.Tensor] = None, rcgm_acc: Optional[torch.Tensor] = None,
+                  rect_diff: Optional[torch.Tensor] = None, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`twinflow_loss_reference`, or the fused Triton kernel where ``backend`` ("auto", "triton" or
+    "eager", see :func:`twinflow.kernels._common.use_triton`) selects it. The kernel takes the fields of
+    ``arith`` as keyword scalars; it returns float32 scalars and differentiates with respect to ``F`` only."""
+    if not use_triton(F, target, t, tt, adv, loss_rows, v_c, v_u, rcgm_acc, rect_diff, backend=backend):
+        return twinflow_loss_reference(F, target, t, tt, adv, loss_rows, arith,
+                                       v_c=v_c, v_u=v_u, rcgm_acc=rcgm_acc, rect_diff=rect_diff)
+    from twinflow.kernels.twinflow_loss import twinflow_loss_triton  # imports triton: only when it runs
+
+    return twinflow_loss_triton(
+        F, target, t, tt, adv, loss_rows, v_c=v_c, v_u=v_u, rcgm_acc=rcgm_acc, rect_diff=rect_diff,
+        enhanced_ratio=arith.enhanced_ratio,
+        enhanced_range=arith.enhanced_range,
+        guide_replace=arith.guide_replace,
+        rcgm_delta=arith.rcgm_delta,
+        loss_type=arith.loss.type,
+        loss_c=arith.loss.c,
+        loss_alpha=arith.loss.alpha,
+        dist_match_cof=arith.dist_match_cof,
+    )

@@ -16,6 +16,7 @@ the values of the rows that are used are exactly those of the specification.
 """
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -25,7 +26,7 @@ import torch
 from .conditioning import cat_conditions, index_condition
 from .config import TwinFlowConfig
 from .groups import GroupSplit, split_batch
-from .loss_math import LossArithmetic, guide_rows, guided_target, twinflow_loss_reference
+from .loss_math import LossArithmetic, guide_rows, guided_target, twinflow_loss, twinflow_loss_reference
 from .step_plan import StepPlan
 from .teachers import Teacher
 from .times import StepTimes, assign_group_times, sample_base_times
@@ -85,16 +86,12 @@ class TwinFlowObjective:
         if kernels == "eager":
             return twinflow_loss_reference
         try:
-            from twinflow.kernels.twinflow_loss import twinflow_loss
+            import twinflow.kernels.twinflow_loss  # noqa: F401  (fails here, not mid-step, without Triton)
         except ImportError as e:
             if kernels == "triton":
                 raise RuntimeError(f"method.kernels=triton but the fused loss kernel is unavailable: {e}") from e
             return twinflow_loss_reference
-
-        def fused(*args, **kwargs):
-            return twinflow_loss(*args, backend=kernels, **kwargs)
-
-        return fused
+        return functools.partial(twinflow_loss, backend=kernels)
 
     def split(self, batch_size: int) -> GroupSplit:
         return split_batch(batch_size, self.config.probs.as_dict())

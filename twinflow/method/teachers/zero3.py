@@ -147,10 +147,12 @@ class ShardEMATeacher(ShardSwapTeacher):
         with torch.no_grad():
             self.ema = [f.detach().float().clone() for f in self.master_flats()]
         self.schedule = EMADecaySchedule(decay_rate)
-        self._kernel = MultiTensorEMA(self.ema, self.schedule, shadow_tensors=self.shadow, backend=backend)
+        self._kernel = MultiTensorEMA(ema_tensors=self.ema, shadow_tensors=self.shadow, backend=backend)
 
     def update(self) -> None:
-        self._kernel.update(self.master_flats())
+        # The schedule advances only after the kernel accepted the tensors: a rejected update changes nothing.
+        self._kernel.update(self.master_flats(), decay=self.schedule.decay)
+        self.schedule.next_decay()
 
     def state_dict(self) -> dict[str, Any]:
         return {"schedule": self.schedule.state_dict(), "tensors": {f"ema.{i}": e for i, e in enumerate(self.ema)}}
