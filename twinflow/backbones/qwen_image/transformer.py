@@ -15,7 +15,6 @@ back to the model. Nothing is stored on the model between calls (no hooks, no mu
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -26,13 +25,13 @@ from diffusers.models.transformers.transformer_qwenimage import (
     QwenTimestepProjEmbeddings,
 )
 
+from twinflow.backbones.second_embedder import fill_missing_second_embedder
+
 from .attention import plan_packing, uses_packed_attention
 from .partitioned import gathered
 
 KERNEL_CHOICES = ("eager", "triton")
 TWIN_PREFIX = "time_text_embed_2."
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -145,19 +144,11 @@ class TwinFlowQwenImageTransformer(QwenImageTransformer2DModel):
         """
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
-        missing_twin = sorted(k for k in info["missing_keys"] if k.startswith(TWIN_PREFIX))
-        if missing_twin and model.config.twin_embedder:
-            expected = sorted(TWIN_PREFIX + k for k in model.time_text_embed_2.state_dict())
-            if missing_twin != expected:
-                raise ValueError(
-                    f"checkpoint {pretrained_model_name_or_path} holds only part of time_text_embed_2: "
-                    f"missing {missing_twin}"
-                )
-            model._init_twin_embedder_from_primary()
-            logger.info(
-                "%s has no time_text_embed_2: initialised it as a copy of time_text_embed", pretrained_model_name_or_path
+        if model.config.twin_embedder:
+            fill_missing_second_embedder(
+                model, info, TWIN_PREFIX[:-1], model._init_twin_embedder_from_primary, pretrained_model_name_or_path,
+                "as a copy of time_text_embed",
             )
-            info["missing_keys"] = [k for k in info["missing_keys"] if not k.startswith(TWIN_PREFIX)]
         return (model, info) if want_info else model
 
     def _init_twin_embedder_from_primary(self) -> None:
