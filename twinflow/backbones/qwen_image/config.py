@@ -10,7 +10,8 @@ Every step the reference made users do by editing code is a key here:
   ``QwenCondition.ref_latents``).
 
 The builder (:func:`twinflow.backbones.qwen_image.build.build_qwen_image_backbone`) lives apart so that
-reading a config imports neither diffusers nor peft.
+reading a config imports neither diffusers nor peft; imports run one way: ``build`` and ``lora`` import
+this module, never the reverse.
 """
 from __future__ import annotations
 
@@ -184,14 +185,3 @@ def resolve_pretrained_dir(path: str) -> Path:
     raise ConfigError(
         f"config key 'pretrained': {path} holds no transformer config.json (looked in {root / 'transformer'} and {root})"
     )
-
-
-
-def __getattr__(name: str):
-    """``from .config import build_qwen_image_backbone`` imports :mod:`.build` (and diffusers, peft)
-    at that import statement, which therefore must not sit inside ``deepspeed.zero.Init``."""
-    if name == "build_qwen_image_backbone":
-        from .build import build_qwen_image_backbone
-
-        return build_qwen_image_backbone
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
