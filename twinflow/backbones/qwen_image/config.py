@@ -23,6 +23,9 @@ import torch
 
 from twinflow.utils.typed_config import ConfigError
 
+FAMILY = "qwen_image"
+"""This backbone's ``model.family`` (the registry's default family)."""
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 DEFAULT_LORA_TARGETS = [
@@ -99,6 +102,7 @@ class QwenImageBackboneConfig:
     :func:`~.tiny.tiny_transformer_config`, randomly initialised) must be set.
     """
 
+    family: str = FAMILY
     pretrained: str | None = None
     transformer: dict[str, Any] | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
@@ -110,6 +114,8 @@ class QwenImageBackboneConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:
+        if self.family != FAMILY:
+            raise ConfigError(f"config key 'family' is {self.family!r}, but this is the {FAMILY!r} section")
         if (self.pretrained is None) == (self.transformer is None):
             raise ConfigError("exactly one of config keys 'pretrained' and 'transformer' must be set")
         if self.transformer is not None:
