@@ -242,7 +242,8 @@ class StepRunner:
     """One variant's model, teacher, optimizer and a fixed batch; :meth:`step` is one training step."""
 
     def __init__(self, variant: str, size: E2ESize, device: torch.device, seed: int = 0):
-        from twinflow.backbones.qwen_image.config import QwenImageBackboneConfig, build_qwen_image_backbone
+        from twinflow.backbones.qwen_image.build import build_qwen_image_backbone
+        from twinflow.backbones.qwen_image.config import QwenImageBackboneConfig
 
         kernels, attention, loss_kernels, ema_backend, objective_cls = _VARIANT_SETTINGS[variant]
         self.variant, self.size, self.device = variant, size, device

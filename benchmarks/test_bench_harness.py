@@ -6,7 +6,8 @@ import json
 
 import torch
 
-from twinflow.backbones.qwen_image.config import QwenImageBackboneConfig, build_qwen_image_backbone
+from twinflow.backbones.qwen_image.build import build_qwen_image_backbone
+from twinflow.backbones.qwen_image.config import QwenImageBackboneConfig
 from twinflow.method.config import TwinFlowConfig
 from twinflow.method.conditioning import cat_conditions
 from twinflow.method.objective import TwinFlowObjective

@@ -160,8 +160,8 @@ def _run_export(args: argparse.Namespace) -> int:
 def _configure_sample(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="the transformer: an exported folder (twinflow export) or a pipeline root")
     p.add_argument("--encoders", default=None,
-                   help="Qwen-Image folder with text_encoder/, tokenizer/ and vae/ (default: the one the export "
-                        "records, else --model)")
+                   help="the encoder folder (for Qwen-Image: text_encoder/, tokenizer/ and vae/; default: the one "
+                        "the export records, else --model)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
     p.add_argument("--preset", action="append", default=None,
                    help="sampler preset (repeatable; default: one_step few_step any_step multi_step)")
@@ -175,9 +175,7 @@ def _configure_sample(p: argparse.ArgumentParser) -> None:
 def _run_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from twinflow.backbones.qwen_image.build import build_qwen_image_backbone
-    from twinflow.backbones.qwen_image.config import QwenImageBackboneConfig
-    from twinflow.backbones.qwen_image.encoders import QwenImageConditioner
+    from twinflow.backbones.registry import backbone_spec
     from twinflow.data.latent_codec import LatentCodec
     from twinflow.sampling import SAMPLER_PRESETS
     from twinflow.training.export import EXPORT_RECORD, read_export_record
@@ -189,8 +187,10 @@ def _run_sample(args: argparse.Namespace) -> int:
         raise CLIError(f"unknown --preset {unknown}; choose from {sorted(SAMPLER_PRESETS)}")
     if not Path(args.model).is_dir():
         raise CLIError(f"--model {args.model}: no such folder")
-    # What the run trained with, as its export records it: encoders, latent codec, image size.
-    recorded = read_export_record(args.model).get("sampling") or {}
+    # What the run trained with, as its export records it: backbone, encoders, latent codec, image size.
+    record = read_export_record(args.model)
+    spec = backbone_spec(record.get("family"), key=f"{EXPORT_RECORD}: family")
+    recorded = record.get("sampling") or {}
     codec = LatentCodec.parse(recorded.get("latent_codec"))
     encoders = args.encoders or recorded.get("encoders") or args.model
     if not Path(encoders).is_dir():
@@ -200,10 +200,8 @@ def _run_sample(args: argparse.Namespace) -> int:
     width = args.width or args.height or recorded.get("image_size") or 512
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = "bfloat16" if device.type == "cuda" else "float32"
-    backbone = build_qwen_image_backbone(QwenImageBackboneConfig(pretrained=args.model, dtype=dtype_name), device)
-    conditioner = QwenImageConditioner.from_pretrained(
-        encoders, text_encoder_dtype=getattr(torch, dtype_name), vae_dtype=getattr(torch, dtype_name), device=device
-    )
+    backbone = spec.load_for_sampling(args.model, dtype_name, device)
+    conditioner = spec.conditioner_from_pretrained(encoders, dtype=getattr(torch, dtype_name), device=device)
     multiple = codec.size_multiple(conditioner)
     for key, value in (("height", height), ("width", width)):
         if value < multiple or value % multiple:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from twinflow.backbones.qwen_image.condition import QwenCondition
-from twinflow.backbones.qwen_image.config import QwenImageBackboneConfig, build_qwen_image_backbone
+from twinflow.backbones.qwen_image.build import build_qwen_image_backbone
+from twinflow.backbones.qwen_image.config import QwenImageBackboneConfig
 from twinflow.backbones.qwen_image.tiny import TINY_LATENT_CHANNELS, tiny_transformer_config
 from twinflow.sampling import SamplerConfig, sample
 

@@ -43,6 +43,8 @@ def float_keys(cls, values: dict, prefix: str = "") -> list[tuple[str, object]]:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp, key, current = _strip_optional(hints[f.name]), prefix + f.name, (values or {}).get(f.name)
+        if hasattr(tp, "select_config_type"):  # the model section: its family's dataclass
+            tp = tp.select_config_type(current or {}, key)
         if dataclasses.is_dataclass(tp):
             out += float_keys(tp, current, key + ".")
         elif tp is float:

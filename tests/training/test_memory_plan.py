@@ -9,25 +9,29 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.block_saved_bytes import measure_block_saved_bytes_per_token
+from twinflow.backbones.qwen_image.memory import ACTIVATIONS, encoder_params, transformer_param_sizes
 from twinflow.backbones.qwen_image.tiny import tiny_transformer_config
 from twinflow.backbones.qwen_image.transformer import TwinFlowQwenImageTransformer
 from twinflow.cli import main
 from twinflow.method.config import TwinFlowConfig
 from twinflow.training.memory_plan import (
-    BLOCK_SAVED_BYTES_CONSTANT,
-    BLOCK_SAVED_BYTES_PER_WIDTH,
     GiB,
     ActivationShape,
     ParamInventory,
     ZeroSettings,
     largest_teacher_rows,
     max_text_tokens,
-    measure_block_saved_bytes_per_token,
     param_sizes_by_module,
     plan_for_model,
-    qwen_image_encoder_params,
-    qwen_image_inventory,
 )
+
+BLOCK_SAVED_BYTES_PER_WIDTH = ACTIVATIONS.saved_bytes_per_width
+BLOCK_SAVED_BYTES_CONSTANT = ACTIVATIONS.saved_bytes_constant
+
+
+def qwen_image_inventory(transformer_config=None, twin_embedder=True) -> ParamInventory:
+    return ParamInventory(transformer_param_sizes(transformer_config, twin_embedder))
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_FULL_CONFIG = REPO / "configs" / "qwen_image_full.yaml"
@@ -49,7 +53,7 @@ def test_qwen_image_20b_parameter_count():
     assert twin.total - single.total == (256 * d + d) + (d * d + d)  # time_text_embed_2: Linear(256, D), Linear(D, D)
     assert twin.num_blocks == 60
     assert twin.largest_module == 6 * d * d + 6 * d  # img_mod / txt_mod: Linear(D, 6D)
-    encoders = qwen_image_encoder_params()  # model cards: Qwen2.5-VL-7B 8.29B, Qwen-Image VAE 0.13B
+    encoders = encoder_params()  # model cards: Qwen2.5-VL-7B 8.29B, Qwen-Image VAE 0.13B
     assert abs(encoders["text_encoder"] - 8.29e9) / 8.29e9 < 0.01
     assert abs(encoders["vae"] - 0.13e9) / 0.13e9 < 0.03
 
@@ -62,7 +66,8 @@ def test_each_term_on_round_numbers():
     })
     zero = ZeroSettings(world_size=4, reduce_bucket_size=1000, prefetch_bucket_size=100, max_live_parameters=5000,
                         param_persistence_threshold=100, sub_group_size=250)
-    shape = ActivationShape(main_rows=2, teacher_rows=6, image_tokens=16, text_tokens=4, width=8, num_blocks=2)
+    shape = ActivationShape(main_rows=2, teacher_rows=6, image_tokens=16, text_tokens=4, width=8, num_blocks=2,
+                            profile=ACTIVATIONS)
     plan = plan_for_model(inv, zero, shape, gpu_mem_gib=1.0, cuda_context_gib=0.0, fragmentation=0.5)
     part = 200 + 3 + 200 + 100  # ceil(n / 4) per parameter: the 10-element bias pads to 12
     expected = {

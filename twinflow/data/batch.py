@@ -6,15 +6,10 @@ trainer has one input type and the two paths can be compared batch for batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import Tensor
-
-from twinflow.backbones.qwen_image.condition import QwenCondition
-
-if TYPE_CHECKING:
-    from twinflow.backbones.qwen_image.encoders import QwenImageConditioner
 
 
 @dataclass
@@ -35,11 +30,12 @@ class RawBatch:
 @dataclass
 class TrainBatch:
     """What a training step consumes: latents (B, C, h, w), the condition and the unconditional
-    condition (same rows; for edit both carry the reference latents)."""
+    condition (same rows; of the backbone's condition type, see ``twinflow.backbones.registry``; for
+    edit both carry the reference latents)."""
 
     latents: Tensor
-    cond: QwenCondition
-    uncond: QwenCondition
+    cond: Any
+    uncond: Any
     indices: list[int]
     keys: list[str]
 
@@ -57,8 +53,9 @@ class TrainBatch:
         )
 
 
-def encode_raw_batch(conditioner: "QwenImageConditioner", batch: RawBatch) -> TrainBatch:
-    """Encode a raw batch with the text encoder and the VAE (what the cache stores, computed live)."""
+def encode_raw_batch(conditioner: Any, batch: RawBatch) -> TrainBatch:
+    """Encode a raw batch with a backbone's conditioner, its text encoder and latent encoder (what the
+    cache stores, computed live)."""
     latents = conditioner.pixels_to_latents(batch.pixels)
     cond, uncond = conditioner.encode_pair(batch.captions, batch.ref_pixels)
     return TrainBatch(latents, cond, uncond, list(batch.indices), list(batch.keys))

@@ -7,12 +7,15 @@ Layout of a cache folder::
     uncond-<run>.safetensors          text-to-image: the unconditional embedding, stored once
 
 A shard holds ``latents`` (n, C, h, w), ``indices`` (n,) (the raw dataset index of each item) and the
-text embeddings stored **ragged**: ``embeds`` (T, D) is every item's valid tokens one after another and
-``offsets`` (n + 1,) says where each item's tokens start (item i is ``embeds[offsets[i]:offsets[i+1]]``).
-No padding is stored, so no mask either: an item's mask is all true, and batches are padded (mask false)
-when they are built. Edit caches add ``ref_latents`` (n, C, h, w) and, because the unconditional
-condition there includes the reference image, ragged ``uncond_embeds`` / ``uncond_offsets`` per item.
-Item keys (source file / row) are in the shard's safetensors metadata.
+condition *fields* the backbone's cache schema names (``twinflow.backbones.registry.CacheSchema``).
+Ragged fields are stored concatenated: for Qwen-Image, ``embeds`` (T, D) is every item's valid text
+tokens one after another and ``offsets`` (n + 1,) says where each item's tokens start (item i is
+``embeds[offsets[i]:offsets[i+1]]``). No padding is stored, so no mask either: an item's mask is all
+true, and batches are padded (mask false) when the schema builds them. Other fields are stacked, e.g.
+an edit cache's ``ref_latents`` (n, C, h, w); because the unconditional condition there includes the
+reference image, edit caches also store the unconditional fields per item under ``uncond_`` names
+(``uncond_embeds`` / ``uncond_offsets``), less the fields it shares with the condition. The manifest's
+``format`` names the schema. Item keys (source file / row) are in the shard's safetensors metadata.
 
 Crash safety: shards are written under a name unique to the run, each to a temporary name, fsynced and
 renamed. The manifest, which alone makes a cache valid, is written the same way only after every shard
@@ -30,7 +33,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,22 +41,24 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from twinflow.backbones.qwen_image.condition import QwenCondition
-
+from twinflow.backbones.registry import (
+    CacheSchema,
+    cache_formats,
+    spec_for_cache_format,
+    spec_for_condition,
+    spec_for_encoder_config,
+)
 from twinflow.utils.atomic_files import atomic_write_json, replace_atomically
 
 from .batch import TrainBatch
 from .config import DataConfig
 from .stats import DataError, DataStats
 
-if TYPE_CHECKING:
-    from twinflow.backbones.qwen_image.encoders import EncoderConfig
-
-CACHE_FORMAT = "twinflow-qwen-image-cache"
 CACHE_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 _CACHE_FILE = re.compile(r"^(shard|uncond)-[0-9a-f]+(-\d+)?\.safetensors(\.tmp)?$")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+UNCOND_PREFIX = "uncond_"
 
 
 # ---------------------------------------------------------------------------------------------- identity
@@ -74,17 +79,10 @@ def data_fingerprint(data: DataConfig) -> dict[str, Any]:
     }
 
 
-def cache_fingerprint(data: DataConfig, encoder: "EncoderConfig") -> dict[str, Any]:
-    """Every setting that changes what the cache holds (paths made absolute)."""
-    return {
-        **data_fingerprint(data),
-        "model_path": str(Path(encoder.model_path).resolve()),
-        "variant": encoder.variant,
-        "max_sequence_length": encoder.max_sequence_length,
-        "negative_prompt": encoder.resolved_negative_prompt,
-        "text_encoder_dtype": encoder.text_encoder_dtype,
-        "vae_dtype": encoder.vae_dtype,
-    }
+def cache_fingerprint(data: DataConfig, encoder: Any) -> dict[str, Any]:
+    """Every setting that changes what the cache holds (paths made absolute): the data settings and
+    those of the backbone's ``encoder`` section."""
+    return {**data_fingerprint(data), **spec_for_encoder_config(encoder).encoder_fingerprint(encoder)}
 
 
 def check_fingerprint(manifest: dict[str, Any], expected: dict[str, Any], cache_dir: str | Path) -> None:
@@ -134,41 +132,58 @@ class CacheWriter:
         self.num_items = 0
         self._rows: list[dict[str, Any]] = []
         self._layout: dict[str, Any] | None = None
+        self._schema: CacheSchema | None = None
+
+    def _schema_of(self, cond: Any) -> CacheSchema:
+        """The schema of the backbone whose condition type ``cond`` is (one per cache)."""
+        schema = spec_for_condition(cond).cache_schema
+        if self._schema is None:
+            self._schema = schema
+        elif schema is not self._schema:
+            raise DataError(f"cache batches mix condition types ({schema.format} vs {self._schema.format})")
+        return schema
+
+    def _cast(self, tensor: Tensor) -> Tensor:
+        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
 
     def add(self, batch: TrainBatch, store_uncond_per_item: bool) -> None:
         """Add a batch's rows; ``store_uncond_per_item`` for edit (the uncond depends on the image)."""
-        cond, uncond = batch.cond, batch.uncond
+        schema = self._schema_of(batch.cond)
         layout = {
             "latent_shape": list(batch.latents.shape[1:]),
-            "embed_dim": int(cond.embeds.shape[-1]),
-            "has_ref": cond.ref_latents is not None,
+            **schema.layout(batch.cond),
             "uncond_per_item": store_uncond_per_item,
         }
         if self._layout is None:
             self._layout = layout
         elif layout != self._layout:
             raise DataError(f"cache batches disagree in layout: {layout} vs {self._layout}")
-        for row in range(len(batch)):
+        uncond_rows = schema.rows(batch.uncond) if store_uncond_per_item else None
+        for row, fields in enumerate(schema.rows(batch.cond)):
             item = {
                 "index": batch.indices[row],
                 "key": batch.keys[row],
                 "latents": batch.latents[row].detach().cpu(),
-                "embeds": cond.embeds[row][cond.mask[row]].detach().cpu(),
+                **{name: t.detach().cpu() for name, t in fields.items()},
             }
-            if cond.ref_latents is not None:
-                item["ref_latents"] = cond.ref_latents[row].detach().cpu()
-            if store_uncond_per_item:
-                item["uncond_embeds"] = uncond.embeds[row][uncond.mask[row]].detach().cpu()
+            if uncond_rows is not None:
+                item.update({UNCOND_PREFIX + name: t.detach().cpu() for name, t in uncond_rows[row].items()
+                             if name not in schema.shared_with_uncond})
             self._rows.append(item)
             if len(self._rows) == self.shard_size:
                 self._flush()
 
-    def set_unconditional(self, uncond: QwenCondition) -> None:
-        """Store the one shared unconditional embedding (text-to-image)."""
+    def set_unconditional(self, uncond: Any) -> None:
+        """Store the one shared unconditional condition (text-to-image): the fields of its first row."""
         name = f"uncond-{self.run_id}.safetensors"
-        embeds = uncond.embeds[0][uncond.mask[0]].detach().cpu().to(self.dtype)
-        size = _save_tensors(self.cache_dir / name, {"embeds": embeds})
+        fields = self._schema_of(uncond).rows(uncond)[0]
+        size = _save_tensors(self.cache_dir / name, {k: self._cast(t.detach().cpu()) for k, t in fields.items()})
         self.unconditional = {"file": name, "bytes": size}
+
+    def _ragged_names(self) -> dict[str, str]:
+        """Ragged field -> its offsets tensor, the ``uncond_`` copies included."""
+        ragged = dict(self._schema.ragged)
+        return {**ragged, **{UNCOND_PREFIX + k: UNCOND_PREFIX + v for k, v in ragged.items()}}
 
     def _flush(self) -> None:
         if not self._rows:
@@ -178,11 +193,12 @@ class CacheWriter:
             "latents": torch.stack([r["latents"] for r in rows]).to(self.dtype),
             "indices": torch.tensor([r["index"] for r in rows], dtype=torch.int64),
         }
-        tensors["embeds"], tensors["offsets"] = _ragged([r["embeds"].to(self.dtype) for r in rows])
-        if "ref_latents" in rows[0]:
-            tensors["ref_latents"] = torch.stack([r["ref_latents"] for r in rows]).to(self.dtype)
-        if "uncond_embeds" in rows[0]:
-            tensors["uncond_embeds"], tensors["uncond_offsets"] = _ragged([r["uncond_embeds"].to(self.dtype) for r in rows])
+        ragged = self._ragged_names()
+        for field in [k for k in rows[0] if k not in ("index", "key", "latents")]:
+            if field in ragged:
+                tensors[field], tensors[ragged[field]] = _ragged([self._cast(r[field]) for r in rows])
+            else:
+                tensors[field] = self._cast(torch.stack([r[field] for r in rows]))
         name = f"shard-{self.run_id}-{len(self.shards):05d}.safetensors"
         size = _save_tensors(self.cache_dir / name, tensors, {"keys": json.dumps([r["key"] for r in rows])})
         self.shards.append({"file": name, "num_items": len(rows), "bytes": size})
@@ -196,7 +212,7 @@ class CacheWriter:
         if not self._layout["uncond_per_item"] and self.unconditional is None:
             raise DataError("text-to-image cache needs the unconditional embedding (set_unconditional)")
         manifest = {
-            "format": CACHE_FORMAT,
+            "format": self._schema.format,
             "version": CACHE_VERSION,
             "fingerprint": fingerprint,
             "fingerprint_sha256": fingerprint_hash(fingerprint),
@@ -230,19 +246,14 @@ class CacheWriter:
 # ---------------------------------------------------------------------------------------------- reading
 @dataclass
 class CachedItem:
-    """One cached item: latents (C, h, w), its valid text tokens (L, D), edit extras."""
+    """One cached item: latents (C, h, w) and its condition fields (for Qwen-Image its valid text
+    tokens ``embeds`` (L, D) and, for edit, ``ref_latents``); ``uncond_fields`` when stored per item."""
 
     index: int
     key: str
     latents: Tensor
-    embeds: Tensor
-    ref_latents: Tensor | None
-    uncond_embeds: Tensor | None
-
-
-def _single(embeds: Tensor, ref: Tensor | None) -> QwenCondition:
-    mask = torch.ones(1, embeds.shape[0], dtype=torch.bool)
-    return QwenCondition(embeds[None], mask, None if ref is None else ref[None])
+    fields: dict[str, Tensor]
+    uncond_fields: dict[str, Tensor] | None
 
 
 def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
@@ -258,9 +269,9 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"cache manifest {path} is not valid JSON: {e}") from e
-    if manifest.get("format") != CACHE_FORMAT or manifest.get("version") != CACHE_VERSION:
+    if spec_for_cache_format(manifest.get("format")) is None or manifest.get("version") != CACHE_VERSION:
         raise DataError(
-            f"{path} is not a {CACHE_FORMAT} v{CACHE_VERSION} manifest "
+            f"{path} is not a v{CACHE_VERSION} manifest of a known format ({', '.join(cache_formats())}) "
             f"(format={manifest.get('format')!r}, version={manifest.get('version')!r})"
         )
     files = list(manifest["shards"]) + ([manifest["unconditional"]] if manifest.get("unconditional") else [])
@@ -274,7 +285,8 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
 
 
 class CachedDataset(torch.utils.data.Dataset):
-    """Items of a complete cache; ``collate`` makes :class:`TrainBatch` es with both conditions.
+    """Items of a complete cache; ``collate`` makes :class:`TrainBatch` es with both conditions, built by
+    the cache schema its manifest's ``format`` names.
 
     ``expected_fingerprint`` (see :func:`cache_fingerprint`, or :func:`data_fingerprint` for the data
     settings alone) guards against training on a cache built from other data or models: any difference
@@ -287,22 +299,28 @@ class CachedDataset(torch.utils.data.Dataset):
         self.manifest = read_manifest(self.cache_dir)
         if expected_fingerprint is not None:
             self._check_fingerprint(expected_fingerprint)
+        self.schema: CacheSchema = spec_for_cache_format(self.manifest["format"]).cache_schema
         counts = [s["num_items"] for s in self.manifest["shards"]]
         self._shard_starts = np.concatenate([[0], np.cumsum(counts)])
-        self._offsets: list[Tensor] = []
-        self._uncond_offsets: list[Tensor | None] = []
+        ragged = dict(self.schema.ragged)
+        if self.uncond_per_item:
+            ragged.update({UNCOND_PREFIX + k: UNCOND_PREFIX + v for k, v in self.schema.ragged.items()})
+        self._ragged = ragged
+        self._offsets: list[dict[str, Tensor]] = []
         self._indices: list[Tensor] = []
         self._keys: list[list[str]] = []
+        self._fixed: list[str] = []
         for shard in self.manifest["shards"]:
             with safe_open(str(self.cache_dir / shard["file"]), framework="pt") as f:
-                self._offsets.append(f.get_tensor("offsets"))
+                self._offsets.append({field: f.get_tensor(offsets) for field, offsets in ragged.items()})
                 self._indices.append(f.get_tensor("indices"))
-                self._uncond_offsets.append(f.get_tensor("uncond_offsets") if self.uncond_per_item else None)
                 self._keys.append(json.loads(f.metadata()["keys"]))
-        self._uncond: Tensor | None = None
+                stored = set(f.keys()) - {"latents", "indices", *ragged, *ragged.values()}
+                self._fixed = sorted(stored)
+        self._uncond: dict[str, Tensor] | None = None
         if not self.uncond_per_item:
             with safe_open(str(self.cache_dir / self.manifest["unconditional"]["file"]), framework="pt") as f:
-                self._uncond = f.get_tensor("embeds")
+                self._uncond = {k: f.get_tensor(k) for k in f.keys()}
         self._handles: dict[int, Any] = {}
         self._owner_pid = os.getpid()
 
@@ -315,7 +333,7 @@ class CachedDataset(torch.utils.data.Dataset):
 
     @property
     def has_reference(self) -> bool:
-        return bool(self.manifest["has_ref"])
+        return self.schema.has_reference(self.manifest)
 
     @property
     def skipped_at_precompute(self) -> dict[str, int]:
@@ -343,31 +361,37 @@ class CachedDataset(torch.utils.data.Dataset):
         shard = int(np.searchsorted(self._shard_starts, index, side="right")) - 1
         local = index - int(self._shard_starts[shard])
         f = self._handle(shard)
-        start, end = self._offsets[shard][local : local + 2].tolist()
+        stored = {}
+        for field, offsets in self._offsets[shard].items():
+            start, end = offsets[local : local + 2].tolist()
+            stored[field] = f.get_slice(field)[start:end]
+        for field in self._fixed:
+            stored[field] = f.get_slice(field)[local : local + 1][0]
+        fields = {k: v for k, v in stored.items() if not k.startswith(UNCOND_PREFIX)}
         uncond = None
         if self.uncond_per_item:
-            u0, u1 = self._uncond_offsets[shard][local : local + 2].tolist()  # type: ignore[index]
-            uncond = f.get_slice("uncond_embeds")[u0:u1]
+            uncond = {k[len(UNCOND_PREFIX):]: v for k, v in stored.items() if k.startswith(UNCOND_PREFIX)}
         return CachedItem(
             index=int(self._indices[shard][local]),
             key=self._keys[shard][local],
             latents=f.get_slice("latents")[local : local + 1][0],
-            embeds=f.get_slice("embeds")[start:end],
-            ref_latents=f.get_slice("ref_latents")[local : local + 1][0] if self.has_reference else None,
-            uncond_embeds=uncond,
+            fields=fields,
+            uncond_fields=uncond,
         )
 
-    def unconditional(self, batch_size: int) -> QwenCondition:
+    def unconditional(self, batch_size: int) -> Any:
         """Text-to-image: the stored unconditional condition repeated ``batch_size`` times."""
         if self._uncond is None:
             raise DataError("this edit cache stores one unconditional condition per item; use collate()")
-        one = _single(self._uncond, None)
-        return QwenCondition(one.embeds.repeat(batch_size, 1, 1), one.mask.repeat(batch_size, 1))
+        return self.schema.collate([self._uncond] * batch_size)
 
     def collate(self, items: list[CachedItem]) -> TrainBatch:
-        cond = QwenCondition.cat([_single(i.embeds, i.ref_latents) for i in items])
+        cond = self.schema.collate([i.fields for i in items])
         if self.uncond_per_item:
-            uncond = QwenCondition.cat([_single(i.uncond_embeds, i.ref_latents) for i in items])  # type: ignore[arg-type]
+            shared = self.schema.shared_with_uncond
+            uncond = self.schema.collate([
+                {**i.uncond_fields, **{k: v for k, v in i.fields.items() if k in shared}} for i in items  # type: ignore[dict-item]
+            ])
         else:
             uncond = self.unconditional(len(items))
         return TrainBatch(

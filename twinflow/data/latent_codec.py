@@ -71,4 +71,4 @@ class LatentCodec:
 
     def _require_fold(self) -> None:
         if self.fold is None:
-            raise ValueError("the VAE codec encodes through the conditioner (QwenImageConditioner.pixels_to_latents)")
+            raise ValueError("the VAE codec encodes through the backbone's conditioner (pixels_to_latents)")

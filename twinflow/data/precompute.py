@@ -1,6 +1,7 @@
 """Build the latent / text cache: ``python -m twinflow.data.precompute --config train.yaml [--set k=v ...]``.
 
-Reads the ``data``, ``encoder`` and (optional) ``precompute`` sections of the config file; other
+Reads the ``data``, ``encoder`` and (optional) ``precompute`` sections of the config file, and
+``model.family`` (which backbone's ``encoder`` section and encoders; default as in training); other
 sections (the trainer's) are ignored, so the training config itself can be passed. Items are encoded in
 dataset order; skipped items are counted and reported, and recorded in the manifest.
 """
@@ -10,11 +11,12 @@ import argparse
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from twinflow.backbones.qwen_image.encoders import EncoderConfig, QwenImageConditioner
+from twinflow.backbones.registry import backbone_spec, spec_for_encoder_config
 from twinflow.utils.typed_config import ConfigError, apply_overrides, from_dict, load_yaml
 
 from .batch import encode_raw_batch
@@ -42,19 +44,19 @@ class PrecomputeConfig:
 
 @dataclass
 class PrecomputeJob:
-    """The config sections the precompute reads."""
+    """The config sections the precompute reads (``encoder``: the backbone's encoder section)."""
 
     data: DataConfig
-    encoder: EncoderConfig
+    encoder: Any
     precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
 
 
 def precompute_cache(
     data: DataConfig,
-    encoder: EncoderConfig,
+    encoder: Any,
     options: PrecomputeConfig | None = None,
     *,
-    conditioner: QwenImageConditioner | None = None,
+    conditioner: Any = None,
     progress: bool = True,
 ) -> tuple[Path, DataStats]:
     """Encode every usable item of ``data`` into ``data.cache_dir``; returns (manifest path, skip stats).
@@ -66,17 +68,15 @@ def precompute_cache(
     if not data.cache_dir:
         raise ConfigError("config key 'data.cache_dir' is required to build a cache")
     dataset = build_raw_dataset(data)
-    edit = encoder.variant != "t2i"
+    spec = spec_for_encoder_config(encoder)
+    edit = spec.encoder_takes_reference(encoder)
     if edit != dataset.has_reference:
         raise ConfigError(
             f"encoder.variant {encoder.variant!r} "
             + ("needs reference images: set data.ref_image_column (parquet) or data.ref_suffix (folder)" if edit
                else "takes no reference image: unset data.ref_image_column / data.ref_suffix")
         )
-    if conditioner is None:
-        conditioner = QwenImageConditioner.from_config(encoder, device=options.device)
-    elif conditioner.variant != encoder.variant:
-        raise ValueError(f"conditioner variant {conditioner.variant!r} != encoder.variant {encoder.variant!r}")
+    conditioner = spec.conditioner_from_config(encoder, options.device, given=conditioner)
     stats = DataStats()
     stats.update(dataset.scan_stats)
     writer = CacheWriter(data.cache_dir, options.shard_size, data.cache_dtype)
@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         raw = apply_overrides(load_yaml(args.config), args.overrides)
         job = from_dict(PrecomputeJob, {k: raw[k] for k in ("data", "encoder", "precompute") if k in raw})
+        family = (raw.get("model") or {}).get("family")
+        job.encoder = from_dict(backbone_spec(family).encoder_config_type, job.encoder, prefix="encoder.")
         manifest, stats = precompute_cache(job.data, job.encoder, job.precompute, progress=not args.no_progress)
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,7 +8,8 @@ split, an EMA teacher combined with ZeRO-3 settings that would defeat it) run in
 
 Sections:
 
-* ``model``: the Qwen-Image backbone (:class:`QwenImageBackboneConfig`).
+* ``model``: the backbone; ``model.family`` (default ``qwen_image``) picks its section's dataclass
+  through :mod:`twinflow.backbones.registry`.
 * ``method``: the TwinFlow objective (:class:`TwinFlowConfig`, with presets).
 * ``data``: the data pipeline (:class:`DataConfig`; training reads its latent/text cache), or
   ``synthetic_data`` (:class:`SyntheticDataConfig`, tests and benchmarks): exactly one of the two.
@@ -30,7 +31,7 @@ from typing import Any, Literal, Optional
 import torch
 import yaml
 
-from twinflow.backbones.qwen_image.config import QwenImageBackboneConfig
+from twinflow.backbones.registry import DataShapes, ModelConfig, backbone_spec, spec_for_cache_format
 from twinflow.data.config import DataConfig
 from twinflow.method.config import TwinFlowConfig
 from twinflow.method.groups import split_batch
@@ -235,7 +236,7 @@ class FaultConfig:
 class TrainConfig:
     """The whole run. See the module docstring for the sections."""
 
-    model: QwenImageBackboneConfig
+    model: ModelConfig
     method: TwinFlowConfig = field(default_factory=TwinFlowConfig)
     data: Optional[DataConfig] = None
     synthetic_data: Optional[SyntheticDataConfig] = None
@@ -302,28 +303,13 @@ class TrainConfig:
                 "config key 'data.use_cache' must be true: the trainer reads the latent/text cache "
                 "(build it with `python -m twinflow.data.precompute --config <config>`)"
             )
-        if self.synthetic_data is not None and self.model.transformer is not None:
-            s = self.synthetic_data
-            self._check_shapes(self.model.transformer_settings(), s.latent_channels, s.latent_size, s.latent_size,
-                               s.text_dim, "synthetic_data.latent_channels", "synthetic_data.latent_size",
-                               "synthetic_data.text_dim")
+        if self.synthetic_data is not None:
+            backbone_spec(self.model).check_data_shapes(self.model, self._synthetic_shapes(), read_files=False)
 
-    def _check_shapes(self, model: dict[str, Any], channels: int, height: int, width: int, text_dim: int,
-                      channels_key: str, size_key: str, text_key: str) -> None:
-        want = self.model.latent_channels_of(model)
-        where = "model.transformer" if self.model.transformer is not None else f"model.pretrained ({self.model.pretrained})"
-        if channels != want:
-            raise ConfigError(
-                f"config key '{channels_key}' gives {channels} latent channels but {where} takes {want} "
-                f"(in_channels {model['in_channels']} / patch_size {model['patch_size']}**2)"
-            )
-        patch = int(model["patch_size"])
-        if height % patch or width % patch:
-            raise ConfigError(f"config key '{size_key}': latents of {height}x{width} do not split into "
-                              f"{patch}x{patch} patches ({where}.patch_size)")
-        if text_dim != int(model["joint_attention_dim"]):
-            raise ConfigError(f"config key '{text_key}' gives text embeddings of width {text_dim} but {where} "
-                              f"takes {model['joint_attention_dim']} (joint_attention_dim)")
+    def _synthetic_shapes(self) -> DataShapes:
+        s = self.synthetic_data
+        return DataShapes(s.latent_channels, s.latent_size, s.latent_size, {"embed_dim": s.text_dim},
+                          "synthetic_data.latent_channels", "synthetic_data.latent_size", "synthetic_data.text_dim")
 
     def _check_sampling(self) -> None:
         if self.train.sample_every <= 0:
@@ -346,34 +332,34 @@ class TrainConfig:
         from twinflow.data.cache import check_fingerprint, data_fingerprint, read_manifest
         from twinflow.data.stats import DataError
 
-        try:
-            model = self.model.transformer_settings()
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("config key '", "config key 'model.", 1)) from e
         from .checkpoint import META, is_complete
+
+        spec = backbone_spec(self.model)
+        spec.check_model_files(self.model)
 
         resume = self.train.resume
         if resume not in ("auto", "none") and not is_complete(resume):
             what = "does not exist" if not Path(resume).exists() else f"is not a complete checkpoint (no {META})"
             raise ConfigError(f"config key 'train.resume': {resume} {what}")
         if self.data is None:
-            if self.model.pretrained is not None:  # an inline transformer was checked by __post_init__
-                syn = self.synthetic_data
-                self._check_shapes(model, syn.latent_channels, syn.latent_size, syn.latent_size, syn.text_dim,
-                                   "synthetic_data.latent_channels", "synthetic_data.latent_size", "synthetic_data.text_dim")
+            spec.check_data_shapes(self.model, self._synthetic_shapes(), read_files=True)
             return
         try:
             manifest = read_manifest(self.data.cache_dir)
             check_fingerprint(manifest, data_fingerprint(self.data), self.data.cache_dir)
         except DataError as e:
             raise ConfigError(f"config key 'data.cache_dir': {e}") from e
+        if spec_for_cache_format(manifest["format"]) is not spec:
+            raise ConfigError(f"config key 'model.family' is {self.model.family!r} but the cache {self.data.cache_dir} "
+                              f"is a {manifest['format']!r} cache")
         channels, height, width = manifest["latent_shape"]
-        self._check_shapes(model, channels, height, width, int(manifest["embed_dim"]),
-                           f"data.cache_dir ({self.data.cache_dir})", f"data.cache_dir ({self.data.cache_dir})",
-                           f"data.cache_dir ({self.data.cache_dir})")
-        if bool(manifest["has_ref"]) != self.model.edit:
+        where = f"data.cache_dir ({self.data.cache_dir})"
+        spec.check_data_shapes(self.model, DataShapes(channels, height, width, manifest, where, where, where),
+                               read_files=True)
+        has_ref = spec.cache_schema.has_reference(manifest)
+        if has_ref != self.model.edit:
             raise ConfigError(f"config key 'model.edit' is {self.model.edit} but the cache {self.data.cache_dir} "
-                              f"{'has' if manifest['has_ref'] else 'has no'} reference latents")
+                              f"{'has' if has_ref else 'has no'} reference latents")
         encoder = manifest["fingerprint"].get("model_path")
         if self.train.sample_every > 0 and not (encoder and Path(encoder).is_dir()):
             raise ConfigError(f"config key 'train.sample_every': sample prompts are encoded with the text encoder "

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from twinflow.backbones.qwen_image.condition import QwenCondition
+from twinflow.backbones.registry import backbone_spec
 from twinflow.data.batch import TrainBatch
 from twinflow.data.loader import ResumableLoader
 from twinflow.utils.typed_config import ConfigError
@@ -63,16 +63,18 @@ class SyntheticItem:
     ref_latents: torch.Tensor | None
 
 
-def _single(embeds: torch.Tensor, ref: torch.Tensor | None) -> QwenCondition:
-    mask = torch.ones(1, embeds.shape[0], dtype=torch.bool)
-    return QwenCondition(embeds[None], mask, None if ref is None else ref[None])
+def _fields(embeds: torch.Tensor, ref: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """A row's condition fields as a cache schema stores them (``embeds`` and, for edit, ``ref_latents``)."""
+    return {"embeds": embeds} if ref is None else {"embeds": embeds, "ref_latents": ref}
 
 
 class SyntheticDataset(torch.utils.data.Dataset):
-    """Deterministic synthetic items (see the module docstring)."""
+    """Deterministic synthetic items (see the module docstring); conditions are built by the cache
+    schema of backbone ``family`` (default: the registry's default family)."""
 
-    def __init__(self, config: SyntheticDataConfig):
+    def __init__(self, config: SyntheticDataConfig, family: str | None = None):
         self.config = config
+        self._schema = backbone_spec(family).cache_schema
         gen = torch.Generator().manual_seed(config.seed + 7919)
         self._uncond = torch.randn(2, config.text_dim, generator=gen)
 
@@ -98,8 +100,8 @@ class SyntheticDataset(torch.utils.data.Dataset):
         return SyntheticItem(index, latents, embeds, ref)
 
     def collate(self, items: list[SyntheticItem]) -> TrainBatch:
-        cond = QwenCondition.cat([_single(i.embeds, i.ref_latents) for i in items])
-        uncond = QwenCondition.cat([_single(self._uncond, i.ref_latents) for i in items])
+        cond = self._schema.collate([_fields(i.embeds, i.ref_latents) for i in items])
+        uncond = self._schema.collate([_fields(self._uncond, i.ref_latents) for i in items])
         return TrainBatch(
             latents=torch.stack([i.latents for i in items]),
             cond=cond,
@@ -110,12 +112,14 @@ class SyntheticDataset(torch.utils.data.Dataset):
 
 
 def build_loader(
-    data: Any, synthetic: SyntheticDataConfig | None, micro_batch_size: int, rank: int, world_size: int
+    data: Any, synthetic: SyntheticDataConfig | None, micro_batch_size: int, rank: int, world_size: int,
+    *, family: str | None = None,
 ) -> ResumableLoader:
     """The loader of this rank's micro batches, from the cache (``data``, checked against its settings;
-    the cache's skipped-item counts are carried into ``loader.stats``) or ``synthetic``."""
+    the cache's skipped-item counts are carried into ``loader.stats``) or ``synthetic`` (conditions of
+    backbone ``family``)."""
     if synthetic is not None:
-        dataset = SyntheticDataset(synthetic)
+        dataset = SyntheticDataset(synthetic, family)
         return ResumableLoader(dataset, micro_batch_size, seed=synthetic.seed, shuffle=synthetic.shuffle,
                                rank=rank, world_size=world_size)
     from twinflow.data.cache import CachedDataset, data_fingerprint

@@ -10,13 +10,9 @@ Two sources, one writer:
   are concatenated per parameter using the layout recorded in ``meta.json``. This is what
   ``twinflow export --checkpoint DIR --out DIR`` runs.
 
-The writer (rank 0) builds the transformer on the ``meta`` device from its config, assigns the
-consolidated weights (so no second random initialisation of a 20B model), and writes into a temporary
-folder renamed into place at the end. Full models: ``save_pretrained`` (safetensors), loadable with
-``TwinFlowQwenImageTransformer.from_pretrained``. LoRA: the adapter in diffusers' Qwen-Image LoRA
-format under ``lora/`` (``pipe.load_lora_weights`` / ``transformer.load_lora_adapter``; pass
-``use_safetensors=True``, else diffusers looks for a pickled ``.bin``), plus, with
-``merge_lora``, the merged transformer under ``transformer/``.
+The writer (rank 0) writes into a temporary folder renamed into place at the end. What goes into it
+is the backbone family's export layout (``BackboneSpec.write_export``; for Qwen-Image see
+``twinflow.backbones.qwen_image.export``), plus :data:`EXPORT_RECORD`, which names the family.
 """
 from __future__ import annotations
 
@@ -30,6 +26,7 @@ from typing import Any, Literal, Optional
 import torch
 from torch import nn
 
+from twinflow.backbones.registry import backbone_spec
 from twinflow.utils.typed_config import from_dict
 
 from .checkpoint import (
@@ -47,8 +44,9 @@ from .distributed import all_ranks_agree
 Weights = Literal["online", "ema"]
 BACKBONE_PREFIX = "transformer."
 EXPORT_RECORD = "twinflow_export.json"
-"""Written beside the weights: which weights, and what ``twinflow sample`` needs to draw from them
-(``sampling``: the encoder folder, the latent codec and the image size the run trained with)."""
+"""Written beside the weights: which weights, the backbone ``family``, and what ``twinflow sample``
+needs to draw from them (``sampling``: the encoder folder, the latent codec and the image size the run
+trained with)."""
 
 
 class ExportError(RuntimeError):
@@ -56,19 +54,6 @@ class ExportError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------- writer
-def _plain_transformer(transformer_config: dict[str, Any], model_config: Any) -> nn.Module:
-    """The transformer (with LoRA layers when configured) on the meta device, weights unset."""
-    from twinflow.backbones.qwen_image.transformer import TwinFlowQwenImageTransformer
-
-    with torch.device("meta"):
-        transformer = TwinFlowQwenImageTransformer.from_config(transformer_config)
-        if model_config.lora.enabled:
-            from twinflow.backbones.qwen_image.lora import add_lora
-
-            add_lora(transformer, model_config.lora)
-    return transformer
-
-
 def sampling_record(data: Any) -> dict[str, Any]:
     """What the run's data says about sampling from its model. ``data`` is the run's ``data`` section
     (the dataclass, or its dict from ``meta.json``). With a cache, its fingerprint names the encoder
@@ -105,36 +90,15 @@ def write_export(state: dict[str, torch.Tensor], transformer_config: dict[str, A
                  out: str | Path, *, weights: Weights, merge_lora: bool = False,
                  sampling: Optional[dict[str, Any]] = None) -> Path:
     """Write ``state`` (the transformer's full state dict) as described in the module docstring."""
-    from twinflow.method.teachers.adapter import ADAPTER, EMA_ADAPTER
-
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    transformer = _plain_transformer(transformer_config, model_config)
-    dtype = model_config.torch_dtype
-    transformer.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
-    if model_config.lora.enabled:
-        from diffusers import QwenImagePipeline
-        from peft.utils import get_peft_model_state_dict
-
-        adapter = EMA_ADAPTER if weights == "ema" else ADAPTER
-        # The pipeline's LoRA format (keys prefixed ``transformer.``, peft config in the metadata):
-        # ``QwenImagePipeline.load_lora_weights(dir)`` and ``transformer.load_lora_adapter(dir)`` read it.
-        QwenImagePipeline.save_lora_weights(
-            str(tmp / "lora"),
-            transformer_lora_layers=get_peft_model_state_dict(transformer, adapter_name=adapter),
-            transformer_lora_adapter_metadata=transformer.peft_config[adapter].to_dict(),
-        )
-        if merge_lora:
-            transformer.fuse_lora(adapter_names=[adapter])
-            transformer.unload_lora()
-            transformer.save_pretrained(str(tmp / "transformer"), safe_serialization=True)
-    else:
-        if merge_lora:
-            raise ExportError("merge_lora is for LoRA runs; this model has no adapters")
-        transformer.save_pretrained(str(tmp), safe_serialization=True)
-    record = {"weights": weights, "merged_lora": merge_lora, "sampling": sampling or {}}
+    if merge_lora and not model_config.lora.enabled:
+        raise ExportError("merge_lora is for LoRA runs; this model has no adapters")
+    spec = backbone_spec(model_config)
+    spec.write_export(state, transformer_config, model_config, tmp, weights=weights, merge_lora=merge_lora)
+    record = {"weights": weights, "merged_lora": merge_lora, "family": spec.family, "sampling": sampling or {}}
     (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=1))
     if out.exists():
         shutil.rmtree(out)
@@ -189,6 +153,7 @@ def export_from_trainer(trainer: Any, out: str | Path, *, weights: Weights = "em
 def export_layout(backbone: nn.Module, optimizer: Any) -> dict[str, Any]:
     """What :func:`export_checkpoint` needs to reassemble parameters from per-rank partitions; stored
     in ``meta.json`` (under :data:`~.checkpoint.META_LAYOUT`) by the trainer."""
+    from twinflow.method.teachers.adapter import adapter_pairs
     from twinflow.method.teachers.zero3 import zero3_slots
 
     layout: dict[str, Any] = {
@@ -199,8 +164,6 @@ def export_layout(backbone: nn.Module, optimizer: Any) -> dict[str, Any]:
         ],
     }
     if getattr(backbone.transformer, "peft_config", None):
-        from twinflow.method.teachers.adapter import adapter_pairs
-
         names = {id(p): n for n, p in backbone.named_parameters()}
         layout["lora_ema"] = [
             {"name": names[id(ema)], "shape": list(ema.ds_shape), "numel": ema.ds_tensor.numel()}
@@ -242,20 +205,16 @@ def consolidate_checkpoint(checkpoint: str | Path, weights: Weights) -> tuple[di
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, weights: Weights = "ema", merge_lora: bool = False) -> Path:
     """Export from a checkpoint folder in this process (no DeepSpeed, no GPU). Parameters the run did
     not train (a LoRA run's base model) come from ``model.pretrained`` of the run's config."""
-    from twinflow.backbones.qwen_image.config import QwenImageBackboneConfig
-
     meta, trained = consolidate_checkpoint(checkpoint, weights)
-    model_config = from_dict(QwenImageBackboneConfig, meta[META_CONFIG]["model"], prefix="model.")
+    spec = backbone_spec(meta[META_CONFIG]["model"].get("family"))
+    model_config = from_dict(spec.config_type, meta[META_CONFIG]["model"], prefix="model.")
     transformer_config = meta[META_LAYOUT]["transformer_config"]
     state = {k[len(BACKBONE_PREFIX):]: v for k, v in trained.items()}
-    expected = set(_plain_transformer(transformer_config, model_config).state_dict())
-    missing = sorted(expected - set(state))
+    missing = sorted(spec.export_keys(transformer_config, model_config) - set(state))
     if missing:
         if model_config.pretrained is None:
             raise ExportError(f"checkpoint {checkpoint} lacks untrained parameters {missing[:5]}... and the run had no model.pretrained")
-        from twinflow.backbones.qwen_image.build import build_qwen_image_backbone
-
-        base = build_qwen_image_backbone(model_config, "cpu").transformer.state_dict()
+        base = spec.builder()(model_config, "cpu").transformer.state_dict()
         state.update({k: base[k] for k in missing})
     return write_export(state, transformer_config, model_config, out, weights=weights, merge_lora=merge_lora,
                         sampling=sampling_record(meta[META_CONFIG].get("data", {})))

@@ -194,7 +194,7 @@ def synthetic_sample_prompts(config: TrainConfig) -> SamplePrompts:
     from .data import SyntheticDataset
 
     synthetic = config.synthetic_data
-    dataset = SyntheticDataset(synthetic)
+    dataset = SyntheticDataset(synthetic, config.model.family)
     count = min(len(config.sampling.prompts), len(dataset))
     batch = dataset.collate([dataset[i] for i in range(count)])
     return SamplePrompts(
@@ -204,28 +204,22 @@ def synthetic_sample_prompts(config: TrainConfig) -> SamplePrompts:
     )
 
 
-def encoded_sample_prompts(cache_dir: str | Path, sampling: SamplingSection, *, decode: bool) -> SamplePrompts:
+def encoded_sample_prompts(cache_dir: str | Path, sampling: SamplingSection, *, decode: bool,
+                           family: str | None = None) -> SamplePrompts:
     """Encode ``sampling.prompts`` on the CPU with the text encoder the cache in ``cache_dir`` was built
-    with (its manifest names the model folder and the encoding settings). The 8B text encoder is
-    released right after; only the VAE is kept, and only when ``decode`` (the rank that writes)."""
-    from twinflow.backbones.qwen_image.encoders import QwenImageConditioner
+    with (its manifest names the model folder and the encoding settings; ``family`` is the backbone's).
+    The text encoder is released right after; only the latent decoder is kept, and only when ``decode``
+    (the rank that writes)."""
+    from twinflow.backbones.registry import backbone_spec
     from twinflow.data.cache import read_manifest
     from twinflow.data.latent_codec import LatentCodec
 
     fingerprint = read_manifest(cache_dir)["fingerprint"]
     codec = LatentCodec.from_fingerprint(fingerprint)
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    conditioner = QwenImageConditioner.from_pretrained(
-        fingerprint["model_path"],
-        variant=fingerprint["variant"],
-        max_sequence_length=fingerprint["max_sequence_length"],
-        negative_prompt=fingerprint["negative_prompt"],
-        text_encoder_dtype=dtypes[fingerprint["text_encoder_dtype"]],
-        vae_dtype=dtypes[fingerprint["vae_dtype"]],
-    )
+    conditioner = backbone_spec(family).conditioner_from_fingerprint(fingerprint)
     prompts = list(sampling.prompts)
     conditions = conditioner.encode_prompts(prompts)
-    conditioner.text_encoder = None  # frees ~16 GB of host memory; from here on only the VAE is used
+    conditioner.drop_text_encoder()  # frees the text encoder's host memory; from here on only the VAE is used
     shape = codec.latent_shape(sampling.height, sampling.width, conditioner)
     return SamplePrompts(conditions, prompts, shape, codec.decoder(conditioner) if decode else None)
 
@@ -382,7 +376,8 @@ class RunLogger:
                 mine = None
                 with all_ranks_agree("encoding the sample prompts on rank 0"):
                     if self.rank == 0:
-                        mine = encoded_sample_prompts(self.config.data.cache_dir, self.config.sampling, decode=True)
+                        mine = encoded_sample_prompts(self.config.data.cache_dir, self.config.sampling, decode=True,
+                                                      family=self.config.model.family)
                 if distributed:
                     shared = _broadcast_from_rank0(mine)
                     self._prompts = mine if self.rank == 0 else shared

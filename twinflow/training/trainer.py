@@ -135,13 +135,15 @@ def build_partitioned_backbone(config: TrainConfig, ds_config: dict[str, Any], d
     module is constructed, so no rank ever holds the full model."""
     import deepspeed
 
-    # Imported before entering zero.Init: importing diffusers inside it fails (see the builder's module).
-    from twinflow.backbones.qwen_image.build import build_qwen_image_backbone
+    from twinflow.backbones.registry import backbone_spec
+
+    # Resolved (and its modules imported) before entering zero.Init: importing diffusers inside it fails.
+    build = backbone_spec(config.model).builder()
 
     # The parameter dtype comes from ds_config's bf16 flag (checked against model.dtype by the config):
     # DeepSpeed 0.19 ignores an explicit ``dtype`` argument on accelerators without fp16 (CPU).
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        return build_qwen_image_backbone(config.model, device)
+        return build(config.model, device)
 
 
 class Trainer:
@@ -177,7 +179,7 @@ class Trainer:
         self.objective = TwinFlowObjective(config.method)
         self._layout = export_layout(self.backbone, self.optimizer)
         self.loader = build_loader(config.data, config.synthetic_data, config.train.micro_batch_size,
-                                   self.dist.rank, self.dist.world_size)
+                                   self.dist.rank, self.dist.world_size, family=config.model.family)
         self.store = CheckpointStore(checkpoints_root(config.output_dir), self.dist.rank, self.dist.world_size,
                                      config.train.keep_last, fault_after_rank_files=self._save_fault,
                                      fault_in_commit=self._commit_fault, fault_in_prune=self._prune_fault)

@@ -41,6 +41,10 @@ def _convert(value: Any, tp: Any, key: str, allow_inf: bool = False) -> Any:
     origin = get_origin(tp)
     if tp is Any:
         return value
+    select = getattr(tp, "select_config_type", None)
+    if select is not None:
+        # A section whose dataclass depends on its content (``model``: chosen by ``model.family``).
+        tp = select(value, key)
     if origin in (Union, types.UnionType):
         args = get_args(tp)
         if value is None:

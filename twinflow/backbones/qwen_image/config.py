@@ -10,7 +10,8 @@ Every step the reference made users do by editing code is a key here:
   ``QwenCondition.ref_latents``).
 
 The builder (:func:`twinflow.backbones.qwen_image.build.build_qwen_image_backbone`) lives apart so that
-reading a config imports neither diffusers nor peft.
+reading a config imports neither diffusers nor peft; imports run one way: ``build`` and ``lora`` import
+this module, never the reverse.
 """
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ from typing import Any, Literal
 import torch
 
 from twinflow.utils.typed_config import ConfigError
+
+FAMILY = "qwen_image"
+"""This backbone's ``model.family`` (the registry's default family)."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -98,6 +102,7 @@ class QwenImageBackboneConfig:
     :func:`~.tiny.tiny_transformer_config`, randomly initialised) must be set.
     """
 
+    family: str = FAMILY
     pretrained: str | None = None
     transformer: dict[str, Any] | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
@@ -109,6 +114,8 @@ class QwenImageBackboneConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:
+        if self.family != FAMILY:
+            raise ConfigError(f"config key 'family' is {self.family!r}, but this is the {FAMILY!r} section")
         if (self.pretrained is None) == (self.transformer is None):
             raise ConfigError("exactly one of config keys 'pretrained' and 'transformer' must be set")
         if self.transformer is not None:
@@ -184,14 +191,3 @@ def resolve_pretrained_dir(path: str) -> Path:
     raise ConfigError(
         f"config key 'pretrained': {path} holds no transformer config.json (looked in {root / 'transformer'} and {root})"
     )
-
-
-
-def __getattr__(name: str):
-    """``from .config import build_qwen_image_backbone`` imports :mod:`.build` (and diffusers, peft)
-    at that import statement, which therefore must not sit inside ``deepspeed.zero.Init``."""
-    if name == "build_qwen_image_backbone":
-        from .build import build_qwen_image_backbone
-
-        return build_qwen_image_backbone
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
