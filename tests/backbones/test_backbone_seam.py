@@ -277,3 +277,16 @@ def test_qwen_image_spec_states_its_seam_data():
     assert "to_q" in spec.lora_targets(config) and "time_text_embed_2.timestep_embedder.linear_1" in spec.lora_targets(config)
     assert spec.dual_time_rule(config) == DualTimeRule("tt", "t - tt", 1000.0)
     assert dataclasses.replace(config, family=DEFAULT_FAMILY) == config
+
+
+def test_every_listed_family_resolves_and_folders_without_a_spec_are_not_families():
+    """A backbone folder still being built (no ``spec.py``) must not break the lookups that walk every
+    family (cache format, condition type), as it once did when the SANA folder arrived before its spec."""
+    from twinflow.backbones import registry
+
+    root = REPO / "twinflow" / "backbones"
+    with_spec = sorted(p.parent.name for p in root.glob("*/spec.py"))
+    assert registry._family_packages() == with_spec
+    for name in registry.families():
+        assert registry.backbone_spec(name).family == name
+    assert registry.spec_for_cache_format("no such format") is None

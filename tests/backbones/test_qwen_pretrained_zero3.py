@@ -23,7 +23,7 @@ WORKER = textwrap.dedent(
     import torch, deepspeed
     from twinflow.backbones.qwen_image.build import build_qwen_image_backbone
     from twinflow.backbones.qwen_image.config import QwenImageBackboneConfig
-    from twinflow.backbones.qwen_image.partitioned import gathered
+    from twinflow.utils.partitioned import gathered
     from safetensors.torch import load_file
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     deepspeed.init_distributed(dist_backend="gloo")

@@ -2,7 +2,9 @@
 
 ``data/resolved_configs.json`` is the fully resolved form (``to_dict`` of the loaded :class:`TrainConfig`)
 of each YAML under ``configs/``, generated from the code at 21646a3, when unset method keys still came
-from a hidden defaults dict. Two files are also loaded with every other ``method.preset``: the demo and
+from a hidden defaults dict; the one key added since, ``model.family: qwen_image`` (the backbone seam's
+selector, whose default keeps every file on the backbone it always used), was written into each model
+section by hand, not regenerated. Two files are also loaded with every other ``method.preset``: the demo and
 the launcher tests switch the preset on them (``method.preset=twinflow`` / ``flow_matching``), so those
 files must leave the preset's keys to the preset.
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
@@ -270,13 +271,17 @@ def unregister_backbone(family: str) -> None:
 
 
 def _family_packages() -> list[str]:
+    """The folders under ``twinflow/backbones/`` with a ``spec.py``: a folder becomes a family when its
+    spec registers it (a backbone still being built, without one, is not offered)."""
     import twinflow.backbones as package
 
-    return [m.name for m in pkgutil.iter_modules(package.__path__) if m.ispkg]
+    return [m.name for m in pkgutil.iter_modules(package.__path__)
+            if m.ispkg and any((Path(root) / m.name / "spec.py").is_file() for root in package.__path__)]
 
 
 def families() -> list[str]:
-    """Every family: the folders under ``twinflow/backbones/`` and any registered in this process."""
+    """Every family: the folders under ``twinflow/backbones/`` that have a ``spec.py``, and any registered
+    in this process."""
     return sorted(set(_family_packages()) | set(_SPECS))
 
 
@@ -286,7 +291,7 @@ def backbone_spec(family: Any = None, *, key: str = "model.family") -> BackboneS
         family = family.family
     name = DEFAULT_FAMILY if family is None else family
     if name not in _SPECS and name in _family_packages():
-        importlib.import_module(f"twinflow.backbones.{name}")
+        importlib.import_module(f"twinflow.backbones.{name}.spec")
     if name not in _SPECS:
         raise ConfigError(f"config key '{key}': unknown backbone family {name!r}; known: {families()}")
     return _SPECS[name]

@@ -30,7 +30,7 @@ from diffusers.models.normalization import AdaLayerNormSingle
 from diffusers.models.transformers.sana_transformer import SanaTransformer2DModel
 from torch import nn
 
-from twinflow.backbones.qwen_image.partitioned import gathered
+from twinflow.utils.partitioned import gathered
 from twinflow.backbones.second_embedder import fill_missing_second_embedder
 
 KERNEL_CHOICES = ("eager",)

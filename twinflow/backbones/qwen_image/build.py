@@ -16,7 +16,7 @@ from .attention import configure_attention, resolve_attention_backend
 from .backbone import QwenImageBackbone
 from .config import QwenImageBackboneConfig, resolve_pretrained_dir
 from .lora import add_lora
-from .partitioned import is_partitioned, zero_init_active
+from twinflow.utils.partitioned import is_partitioned, zero_init_active
 from .pretrained_loading import load_checkpoint_into
 from .transformer import TwinFlowQwenImageTransformer
 

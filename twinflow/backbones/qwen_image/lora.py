@@ -16,7 +16,7 @@ from torch import nn
 from twinflow.method.teachers.adapter import ADAPTER, EMA_ADAPTER, adapter_pairs
 
 from .config import LoraSettings
-from .partitioned import gathered
+from twinflow.utils.partitioned import gathered
 
 TIME_EMBED_2 = "time_text_embed_2"
 TIME_EMBED_2_LINEARS = [f"{TIME_EMBED_2}.timestep_embedder.linear_1", f"{TIME_EMBED_2}.timestep_embedder.linear_2"]

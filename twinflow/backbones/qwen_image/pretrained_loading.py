@@ -24,7 +24,7 @@ from torch import nn
 from twinflow.training.distributed import all_ranks_agree
 from twinflow.utils.typed_config import ConfigError
 
-from .partitioned import gathered, is_partitioned
+from twinflow.utils.partitioned import gathered, is_partitioned
 from .transformer import TWIN_PREFIX
 
 PRIMARY_PREFIX = "time_text_embed."

@@ -28,7 +28,7 @@ from diffusers.models.transformers.transformer_qwenimage import (
 from twinflow.backbones.second_embedder import fill_missing_second_embedder
 
 from .attention import plan_packing, uses_packed_attention
-from .partitioned import gathered
+from twinflow.utils.partitioned import gathered
 
 KERNEL_CHOICES = ("eager", "triton")
 TWIN_PREFIX = "time_text_embed_2."

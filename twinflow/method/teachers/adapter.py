@@ -26,7 +26,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import nn
 
-from twinflow.backbones.qwen_image.partitioned import local_tensor
+from twinflow.utils.partitioned import local_tensor
 from twinflow.method.ema_schedule import EMADecaySchedule
 
 from .base import DelegatingTeacher, Teacher
