@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .qwen_image.partitioned import gathered
+from twinflow.utils.partitioned import gathered
 
 logger = logging.getLogger(__name__)
 

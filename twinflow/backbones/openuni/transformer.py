@@ -31,7 +31,7 @@ from diffusers.models.transformers.sana_transformer import SanaTransformer2DMode
 from torch import nn
 
 from twinflow.utils.partitioned import gathered
-from twinflow.backbones.second_embedder import fill_missing_second_embedder
+from twinflow.backbones.dual_time import load_with_twin_embedder
 
 KERNEL_CHOICES = ("eager",)
 TIME_EMBED_2 = "time_embed_2"
@@ -129,14 +129,9 @@ class TwinFlowSanaTransformer(SanaTransformer2DModel):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """diffusers' ``from_pretrained``; a plain SANA checkpoint (no ``time_embed_2``) gets a fresh
         ``time_embed_2`` initialised as in the reference. A checkpoint with only part of it is an error."""
-        want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
-        if model.config.twin_embedder:
-            fill_missing_second_embedder(
-                model, info, TIME_EMBED_2, model._init_time_embed_2, pretrained_model_name_or_path,
-                f"normal(0, {TIME_EMBED_2_STD}) with zero biases",
-            )
-        return (model, info) if want_info else model
+        fill = lambda model: model._init_time_embed_2()  # noqa: E731
+        load = super().from_pretrained
+        return load_with_twin_embedder(load, pretrained_model_name_or_path, kwargs, prefix=TWIN_PREFIX, fill=fill)
 
     def _init_time_embed_2(self) -> None:
         """Fresh ``time_embed_2`` (possibly on the meta device after loading) in the model's dtype."""

@@ -25,7 +25,7 @@ from diffusers.models.transformers.transformer_qwenimage import (
     QwenTimestepProjEmbeddings,
 )
 
-from twinflow.backbones.second_embedder import fill_missing_second_embedder
+from twinflow.backbones.dual_time import load_with_twin_embedder
 
 from .attention import plan_packing, uses_packed_attention
 from twinflow.utils.partitioned import gathered
@@ -142,14 +142,9 @@ class TwinFlowQwenImageTransformer(QwenImageTransformer2DModel):
         are materialised here). A checkpoint that has ``time_text_embed_2`` keeps its values; one that has
         only some of its keys is an error.
         """
-        want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
-        if model.config.twin_embedder:
-            fill_missing_second_embedder(
-                model, info, TWIN_PREFIX[:-1], model._init_twin_embedder_from_primary, pretrained_model_name_or_path,
-                "as a copy of time_text_embed",
-            )
-        return (model, info) if want_info else model
+        fill = lambda model: model._init_twin_embedder_from_primary()  # noqa: E731
+        load = super().from_pretrained
+        return load_with_twin_embedder(load, pretrained_model_name_or_path, kwargs, prefix=TWIN_PREFIX, fill=fill)
 
     def _init_twin_embedder_from_primary(self) -> None:
         """Replace ``time_text_embed_2``'s weights (possibly on the meta device) by copies of E1's."""
