@@ -3,13 +3,13 @@ against DeepSpeed's own estimator, the measured activation constant, and the shi
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import re
 from pathlib import Path
 
 import pytest
 
-from benchmarks.block_saved_bytes import measure_block_saved_bytes_per_token
 from twinflow.backbones.qwen_image.memory import ACTIVATIONS, encoder_params, transformer_param_sizes
 from twinflow.backbones.qwen_image.tiny import tiny_transformer_config
 from twinflow.backbones.qwen_image.transformer import TwinFlowQwenImageTransformer
@@ -25,6 +25,19 @@ from twinflow.training.memory_plan import (
     param_sizes_by_module,
     plan_for_model,
 )
+
+
+def _load_measurement():
+    """``benchmarks/block_saved_bytes.py`` by path: the measurement is benchmark code, and ``pytest tests``
+    alone does not put the repository root on ``sys.path``."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "block_saved_bytes.py"
+    spec = importlib.util.spec_from_file_location("block_saved_bytes", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.measure_block_saved_bytes_per_token
+
+
+measure_block_saved_bytes_per_token = _load_measurement()
 
 BLOCK_SAVED_BYTES_PER_WIDTH = ACTIVATIONS.saved_bytes_per_width
 BLOCK_SAVED_BYTES_CONSTANT = ACTIVATIONS.saved_bytes_constant
