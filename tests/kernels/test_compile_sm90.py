@@ -90,18 +90,31 @@ def check_twinflow_loss():
 
 def check_dual_time_embedding():
     from twinflow.kernels import dual_time_embedding_triton as dte
+    from twinflow.kernels.dual_time_rule import RULES
 
     k = dte._kernels(False)
-    ints = {n: "i32" for n in ("stride_t", "stride_tt", "B", "D", "C", "N", "M", "g_group_stride")}
+    ints = {n: "i32" for n in ("stride_t", "stride_tt", "B", "D", "H", "C", "N", "M", "g_group_stride")}
     bf16 = {n: "*bf16" for n in ("proj_ptr", "w_a_ptr", "w_b_ptr", "bias_a_ptr", "bias_b_ptr", "pre_ptr", "h_ptr",
-                                 "out_ptr", "g_ptr", "da_ptr", "x_ptr", "dw_ptr", "db_ptr")}
-    ptx = _compile(k.sinusoid, {**ints, **bf16}, {"HALF": 128, "SCALE": 1000.0, "BLOCK_B": 16, "BLOCK_H": 128})
-    assert "__nv_sinf" in ptx and "__nv_cosf" in ptx and "sin.approx" not in ptx
+                                 "out_ptr", "g_ptr", "da_ptr", "x_ptr", "dw_ptr", "db_ptr", "extra_ptr", "parts_ptr")}
     _compile(k.linear1_silu, {**ints, **bf16}, {"STORE_PRE": True, "BLOCK_B": 16, "BLOCK_N": 64, "BLOCK_K": 64})
-    _compile(k.linear2_combine, {**ints, **bf16}, {"BLOCK_B": 16, "BLOCK_N": 16, "BLOCK_K": 64})
-    _compile(k.linear2_dgrad_silu, {**ints, **bf16}, {"BLOCK_B": 16, "BLOCK_M": 64, "BLOCK_K": 64})
-    _compile(k.weight_grad, {**ints, **bf16}, {"SCALE_GROUP1": True, "BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_B": 16})
-
+    # Each backbone's rule is its own specialisation of the kernels that read it (float32 times: the
+    # loads are typed by the pointers, as at a launch).
+    for rule in RULES.values():
+        times, coef = dte.rule_constexprs(rule)
+        ptx = _compile(k.sinusoid, {**ints, **bf16}, {"HALF": 128, **times, "BLOCK_B": 16, "BLOCK_H": 128})
+        assert "__nv_sinf" in ptx and "__nv_cosf" in ptx and "sin.approx" not in ptx
+        if rule.float64_times:
+            assert "cvt.rn.f32.f64" in ptx  # the float64 time rounded once to float32, as torch's .float()
+        flags = {"HAS_EXTRA": rule.extra_inputs, "STORE_PARTS": rule.name == "sana"}
+        ptx = _compile(k.linear2_combine, {**ints, **bf16}, {**coef, **flags, "BLOCK_B": 16, "BLOCK_N": 16,
+                                                            "BLOCK_K": 64})
+        if rule.coefficient_divisor != 1.0:
+            assert "div.rn.f32" in ptx and "div.full" not in ptx
+        for scale in (True, False):
+            _compile(k.linear2_dgrad_silu, {**ints, **bf16}, {**coef, "SCALE_GROUP1": scale, "BLOCK_B": 16,
+                                                              "BLOCK_M": 64, "BLOCK_K": 64})
+            _compile(k.weight_grad, {**ints, **bf16}, {**coef, "SCALE_GROUP1": scale, "BLOCK_N": 64, "BLOCK_M": 64,
+                                                       "BLOCK_B": 16})
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET", "0") != "1"

@@ -303,7 +303,7 @@ def test_bad_inputs_name_the_problem():
     e2.time_proj.scale = 1
     with pytest.raises(ValueError, match="embed_2.time_proj"):
         DualTimestepEmbedding(e1, e2)
-    with pytest.raises(TypeError, match="embed_1 must be a QwenTimestepProjEmbeddings"):
+    with pytest.raises(TypeError, match="embed_1 must be a diffusers timestep embedding"):
         DualTimestepEmbedding(nn.Linear(2, 2), e2)
 
 
@@ -324,9 +324,9 @@ def test_weights_are_checked_once_and_changes_are_detected(monkeypatch):
     from peft import LoraConfig, inject_adapter_in_model
 
     checks = []
-    real_validate, real_weights = dte._validate, dte.embedder_weights
+    real_validate, real_weights = dte._validate, dte._inspect
     monkeypatch.setattr(dte, "_validate", lambda *a: checks.append("validate") or real_validate(*a))
-    monkeypatch.setattr(dte, "embedder_weights", lambda *a: checks.append("embedder") or real_weights(*a))
+    monkeypatch.setattr(dte, "_inspect", lambda *a: checks.append("embedder") or real_weights(*a))
     e1, e2 = make_embedders(32, torch.float32, "cpu", seed=11)
     t, tt = make_times(3, "cpu")
     first = dual_time_embedding(t, tt, e1, e2, torch.float32, backend="triton")
