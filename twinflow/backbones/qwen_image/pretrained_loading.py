@@ -62,7 +62,8 @@ def _source_keys(model: nn.Module, available: set[str], twin: bool, folder: Path
     twin_in_checkpoint = [k for k in available if k.startswith(TWIN_PREFIX)]
     if twin_in_checkpoint and any(sources.get(n, n) != n for n in sources if n.startswith(TWIN_PREFIX)):
         raise ConfigError(f"checkpoint {folder} holds only part of time_text_embed_2")
-    unexpected = sorted(available - set(sources.values()))
+    # Buffers a checkpoint holds (SD3's fixed position table) are computed by the model's constructor.
+    unexpected = sorted(available - set(sources.values()) - {name for name, _ in model.named_buffers()})
     if missing or unexpected:
         raise ConfigError(
             f"checkpoint {folder} does not fit the model: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "

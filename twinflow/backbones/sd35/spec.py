@@ -191,10 +191,11 @@ class SD35Spec(BackboneSpec):
 
     # ------------------------------------------------------------------------------------ export
     def export_keys(self, transformer_config: Mapping[str, Any], config: SD35BackboneConfig) -> set[str]:
+        """The exported state's keys but the position table, which a checkpoint never holds (a buffer)."""
         from ..qwen_image.export import plain_transformer
         from .transformer import TwinFlowSD3Transformer
 
-        return set(plain_transformer(transformer_config, config, TwinFlowSD3Transformer).state_dict())
+        return set(plain_transformer(transformer_config, config, TwinFlowSD3Transformer).state_dict()) - {POS_EMBED}
 
     def write_export(self, state: dict[str, Any], transformer_config: Mapping[str, Any], config: Any, folder: Any,
                      *, weights: str, merge_lora: bool) -> None:
@@ -205,9 +206,24 @@ class SD35Spec(BackboneSpec):
         from ..qwen_image.export import write_transformer
         from .transformer import TwinFlowSD3Transformer
 
+        state = {POS_EMBED: _position_table(transformer_config), **state}
         write_transformer(state, transformer_config, config, folder, weights=weights, merge_lora=merge_lora,
                           transformer_cls=TwinFlowSD3Transformer, pipeline_cls=StableDiffusion3Pipeline)
 
+
+POS_EMBED = "pos_embed.pos_embed"
+"""SD3's fixed sin-cos position table: a persistent buffer, in the saved model but never trained."""
+
+
+def _position_table(transformer_config: Mapping[str, Any]) -> torch.Tensor:
+    """The position table of a transformer of ``transformer_config``, computed as its ``PatchEmbed`` does."""
+    from diffusers.models.embeddings import PatchEmbed
+
+    c = transformer_config
+    embed = PatchEmbed(height=c["sample_size"], width=c["sample_size"], patch_size=c["patch_size"],
+                       in_channels=c["in_channels"], embed_dim=c["num_attention_heads"] * c["attention_head_dim"],
+                       pos_embed_max_size=c["pos_embed_max_size"])
+    return embed.pos_embed
 
 def _twin_embedder(folder: str) -> bool:
     """Whether the model in ``folder`` has the second embedder: its config says so; a plain SD3 folder
