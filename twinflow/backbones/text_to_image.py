@@ -143,15 +143,18 @@ class TextToImageConditioner:
         raise NotImplementedError
 
     @torch.no_grad()
-    def encode_unconditional(self, batch_size: int) -> Any:
-        """The negative-prompt condition for ``batch_size`` rows."""
+    def encode_unconditional(self, batch_size: int, ref_images: Tensor | None = None) -> Any:
+        """The negative-prompt condition for ``batch_size`` rows (``ref_images``: the seam's conditioner
+        signature; text-to-image takes none)."""
+        _no_reference(ref_images)
         if self._uncond is None:
             self._uncond = self.encode_prompts([self.negative_prompt])
         return type(self._uncond).cat([self._uncond] * batch_size)
 
     @torch.no_grad()
-    def encode_pair(self, texts: Sequence[str]) -> tuple[Any, Any]:
+    def encode_pair(self, texts: Sequence[str], ref_images: Tensor | None = None) -> tuple[Any, Any]:
         """(condition, unconditional condition) for a batch of prompts."""
+        _no_reference(ref_images)
         return self.encode_prompts(texts), self.encode_unconditional(len(texts))
 
     @property
@@ -169,6 +172,11 @@ class TextToImageConditioner:
     def latents_to_pixels(self, latents: Tensor) -> Tensor:
         """Normalised latents (B, C, h, w) -> images (B, 3, 8h, 8w), nominally in [-1, 1]."""
         return self.codec.decode(latents)
+
+
+def _no_reference(ref_images: Tensor | None) -> None:
+    if ref_images is not None:
+        raise ValueError("a text-to-image conditioner takes no reference images")
 
 
 def require_folders(root: Path, names: Sequence[str], family: str) -> None:

@@ -161,16 +161,7 @@ class QwenImageBackboneConfig:
     def transformer_settings(self) -> dict[str, Any]:
         """The transformer's settings: the inline ``transformer`` over the defaults, or the pretrained
         folder's ``config.json`` (reads that file; :class:`ConfigError` naming it when it is unusable)."""
-        if self.transformer is not None:
-            return {**TRANSFORMER_DEFAULTS, **self.transformer}
-        import json
-
-        file = resolve_pretrained_dir(self.pretrained) / "config.json"
-        try:
-            saved = json.loads(file.read_text())
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"config key 'pretrained': cannot read {file}: {e}") from e
-        return {**TRANSFORMER_DEFAULTS, **{k: v for k, v in saved.items() if k in TRANSFORMER_DEFAULTS}}
+        return transformer_settings(TRANSFORMER_DEFAULTS, self.transformer, self.pretrained)
 
     @staticmethod
     def latent_channels_of(settings: dict[str, Any]) -> int:
@@ -180,6 +171,21 @@ class QwenImageBackboneConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+
+def transformer_settings(defaults: dict[str, Any], inline: dict[str, Any] | None, pretrained: str | None) -> dict[str, Any]:
+    """``inline`` over ``defaults``, or the ``defaults`` keys of ``pretrained``'s transformer ``config.json``
+    over them (:class:`ConfigError` naming the file when it is unusable). Shared by the diffusers backbones."""
+    if inline is not None:
+        return {**defaults, **inline}
+    import json
+
+    file = resolve_pretrained_dir(pretrained) / "config.json"
+    try:
+        saved = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"config key 'pretrained': cannot read {file}: {e}") from e
+    return {**defaults, **{k: v for k, v in saved.items() if k in defaults}}
 
 
 def resolve_pretrained_dir(path: str) -> Path:

@@ -19,24 +19,29 @@ from torch import nn
 from .config import QwenImageBackboneConfig
 
 
-def plain_transformer(transformer_config: Mapping[str, Any], model_config: QwenImageBackboneConfig) -> nn.Module:
-    """The transformer (with LoRA layers when configured) on the meta device, weights unset."""
+def plain_transformer(transformer_config: Mapping[str, Any], model_config: QwenImageBackboneConfig,
+                      transformer_cls: Any = None) -> nn.Module:
+    """The transformer (with LoRA layers when configured) on the meta device, weights unset.
+    ``transformer_cls``: another family's diffusers class with the same LoRA settings (default Qwen-Image's)."""
     from .lora import add_lora
     from .transformer import TwinFlowQwenImageTransformer
 
     with torch.device("meta"):
-        transformer = TwinFlowQwenImageTransformer.from_config(transformer_config)
+        transformer = (transformer_cls or TwinFlowQwenImageTransformer).from_config(transformer_config)
         if model_config.lora.enabled:
             add_lora(transformer, model_config.lora)
     return transformer
 
 
 def write_transformer(state: dict[str, torch.Tensor], transformer_config: Mapping[str, Any],
-                      model_config: QwenImageBackboneConfig, folder: Path, *, weights: str, merge_lora: bool) -> None:
-    """Write ``state`` (the transformer's full state dict) into ``folder`` (see the module docstring)."""
+                      model_config: QwenImageBackboneConfig, folder: Path, *, weights: str, merge_lora: bool,
+                      transformer_cls: Any = None, pipeline_cls: Any = None) -> None:
+    """Write ``state`` (the transformer's full state dict) into ``folder`` (see the module docstring).
+    ``transformer_cls`` / ``pipeline_cls`` (whose ``save_lora_weights`` writes the adapter): another
+    family's classes (default Qwen-Image's)."""
     from twinflow.method.teachers.adapter import ADAPTER, EMA_ADAPTER
 
-    transformer = plain_transformer(transformer_config, model_config)
+    transformer = plain_transformer(transformer_config, model_config, transformer_cls)
     dtype = model_config.torch_dtype
     transformer.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
     if not model_config.lora.enabled:
@@ -45,10 +50,12 @@ def write_transformer(state: dict[str, torch.Tensor], transformer_config: Mappin
     from diffusers import QwenImagePipeline
     from peft.utils import get_peft_model_state_dict
 
+    pipeline_cls = pipeline_cls or QwenImagePipeline
+
     adapter = EMA_ADAPTER if weights == "ema" else ADAPTER
     # The pipeline's LoRA format (keys prefixed ``transformer.``, peft config in the metadata):
     # ``QwenImagePipeline.load_lora_weights(dir)`` and ``transformer.load_lora_adapter(dir)`` read it.
-    QwenImagePipeline.save_lora_weights(
+    pipeline_cls.save_lora_weights(
         str(folder / "lora"),
         transformer_lora_layers=get_peft_model_state_dict(transformer, adapter_name=adapter),
         transformer_lora_adapter_metadata=transformer.peft_config[adapter].to_dict(),

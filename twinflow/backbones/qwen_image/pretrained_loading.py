@@ -45,12 +45,16 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
     )
 
 
-def _source_keys(model: nn.Module, available: set[str], twin: bool, folder: Path) -> dict[str, str]:
-    """Model parameter name -> checkpoint key to read it from."""
+def _source_keys(model: nn.Module, available: set[str], twin: bool, folder: Path, twin_from_primary: bool = True
+                 ) -> dict[str, str]:
+    """Model parameter name -> checkpoint key to read it from (None: keep the model's value)."""
     sources, missing = {}, []
+    plain = not any(k.startswith(TWIN_PREFIX) for k in available)
     for name, _ in model.named_parameters():
         if name in available:
             sources[name] = name
+        elif twin and name.startswith(TWIN_PREFIX) and not twin_from_primary and plain:
+            sources[name] = None
         elif twin and name.startswith(TWIN_PREFIX) and PRIMARY_PREFIX + name[len(TWIN_PREFIX):] in available:
             sources[name] = PRIMARY_PREFIX + name[len(TWIN_PREFIX):]
         else:
@@ -58,7 +62,8 @@ def _source_keys(model: nn.Module, available: set[str], twin: bool, folder: Path
     twin_in_checkpoint = [k for k in available if k.startswith(TWIN_PREFIX)]
     if twin_in_checkpoint and any(sources.get(n, n) != n for n in sources if n.startswith(TWIN_PREFIX)):
         raise ConfigError(f"checkpoint {folder} holds only part of time_text_embed_2")
-    unexpected = sorted(available - set(sources.values()))
+    # Buffers a checkpoint holds (SD3's fixed position table) are computed by the model's constructor.
+    unexpected = sorted(available - set(sources.values()) - {name for name, _ in model.named_buffers()})
     if missing or unexpected:
         raise ConfigError(
             f"checkpoint {folder} does not fit the model: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
@@ -76,17 +81,23 @@ def _check_shapes(model: nn.Module, sources: dict[str, str], files: dict[str, Pa
             shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
     for name, param in model.named_parameters():
         key = sources[name]
+        if key is None:
+            continue
         full = tuple(param.ds_shape) if is_partitioned(param) else tuple(param.shape)
         if shapes[key] != full:
             raise ConfigError(f"checkpoint {folder}: {key} has shape {shapes[key]}, the model's {name} has {full}")
 
 
 @torch.no_grad()
-def load_checkpoint_into(model: nn.Module, folder: str | Path, twin_embedder: bool) -> None:
-    """Copy the checkpoint in ``folder`` into ``model`` (partitioned or not), module by module."""
+def load_checkpoint_into(model: nn.Module, folder: str | Path, twin_embedder: bool, *,
+                         twin_from_primary: bool = True) -> None:
+    """Copy the checkpoint in ``folder`` into ``model`` (partitioned or not), module by module.
+
+    ``twin_from_primary=False``: a plain checkpoint leaves ``time_text_embed_2`` as the model initialised
+    it (SD3.5's normal(0, 0.02)) instead of copying ``time_text_embed`` into it."""
     folder = Path(folder)
     files = checkpoint_files(folder)
-    sources = _source_keys(model, set(files), twin_embedder, folder)
+    sources = _source_keys(model, set(files), twin_embedder, folder, twin_from_primary)
     _check_shapes(model, sources, files, folder)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     handles: dict[Path, object] = {}
@@ -95,6 +106,8 @@ def load_checkpoint_into(model: nn.Module, folder: str | Path, twin_embedder: bo
         for param_name, param in direct:
             name = f"{module_name}.{param_name}" if module_name else param_name
             key = sources[name]
+            if key is None:
+                continue
             if files[key] not in handles:
                 handles[files[key]] = safe_open(str(files[key]), framework="pt")
             param.data.copy_(handles[files[key]].get_tensor(key).to(dtype=param.dtype))

@@ -17,13 +17,16 @@ note:
 10. tiny local builds: :mod:`.tiny` (transformer config), :mod:`.tiny_encoders` (three text encoders with
     locally trained tokenizers, VAE).
 
-Still missing, to be wired through the seam: 1 (the ``model:`` config dataclass), the builder under
-``deepspeed.zero.Init`` with streamed checkpoint loading (2, 9), 3 as data for the fused kernel (which
-covers Qwen-Image's rule only), 6 (cache schema: ``embeds``, ``pooled``, ``mask``), the EMA-adapter
-coverage of 7 and 8 (memory inventory).
+Wired through the seam by :mod:`.spec` (``model.family: sd35``): 1, the ``model`` section
+(:mod:`.config`); the builder under ``deepspeed.zero.Init`` with streamed checkpoint loading
+(:mod:`.build`); 3 as data (``dual_time_rule``; the fused kernel does not cover it yet, so
+``kernels: triton`` is refused); 6, the cache schema (``embeds``, ``pooled``, ``mask``); 7, LoRA with
+the EMA adapter (Qwen-Image's injection); 8, the memory inventory (:mod:`.memory`).
 
-Only the light pieces are re-exported here; the other modules import diffusers/transformers.
+Only the light pieces are imported here (the spec registers the family); the other modules import
+diffusers/transformers.
 """
+from . import spec as _spec  # noqa: F401  (registers the family)
 from .condition import SD3Condition
 
 __all__ = ["SD3Condition"]

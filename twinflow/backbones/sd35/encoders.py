@@ -101,6 +101,10 @@ class SD3Conditioner(TextToImageConditioner):
         parts.update({f"tokenizer{n}": t for n, t in zip(names, self.tokenizers)})
         return {**parts, "vae": self.vae}
 
+    def drop_text_encoder(self) -> None:
+        """Free the three text encoders (T5-XXL alone is ~9.5 GB in bf16); the VAE stays."""
+        self.text_encoders = None
+
     @property
     def embed_dim(self) -> int:
         """The joint text width: T5's ``d_model`` (the transformer's ``joint_attention_dim``)."""

@@ -1,0 +1,104 @@
+"""Configuration of the SD3.5 backbone (the ``model`` section with ``family: sd35``).
+
+Keys as Qwen-Image's where they mean the same (``pretrained`` / ``transformer``, ``dtype``,
+``twin_embedder``, ``gradient_checkpointing``, ``lora``); the LoRA settings are Qwen-Image's with the
+reference's SD3.5 target list as default. There is no ``attention_backend`` (diffusers' SD3 attention
+processor picks PyTorch's SDPA kernel) and no edit variant.
+
+``kernels: triton`` is refused: the fused dual-time embedding kernel does not cover SD3's rule (pooled
+text in both embedders, coefficient ``(t - tt)``) yet. The trainer writes the top-level ``kernels``
+into ``model.kernels``, so the refusal sits in ``__setattr__`` and also catches ``kernels: auto`` on a
+CUDA machine: SD3.5 configs say ``kernels: eager``.
+
+Imports stay light (no diffusers): this module is imported whenever a config is loaded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from twinflow.utils.typed_config import ConfigError
+
+from ..qwen_image.config import DTYPES, LoraSettings, resolve_pretrained_dir, transformer_settings
+from .lora import LORA_TARGET_MODULES
+
+FAMILY = "sd35"
+
+TRANSFORMER_DEFAULTS: dict[str, Any] = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "num_layers": 24,
+    "attention_head_dim": 64,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048,
+    "out_channels": 16,
+    "pos_embed_max_size": 384,
+    "dual_attention_layers": tuple(range(13)),
+    "qk_norm": "rms_norm",
+}
+"""SD3.5-Medium's published transformer config (``transformer/config.json`` of
+stabilityai/stable-diffusion-3.5-medium): the keys an inline ``transformer`` may set, and its values
+for the memory plan when the pretrained folder is not on this machine."""
+
+
+@dataclass
+class SD35LoraSettings(LoraSettings):
+    """Qwen-Image's LoRA settings (see there) with the reference's SD3.5 targets as default."""
+
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
+
+
+@dataclass
+class SD35BackboneConfig:
+    """Where the SD3.5 transformer comes from and how it runs: exactly one of ``pretrained`` (a local
+    diffusers folder, pipeline root or ``transformer/``) and ``transformer`` (inline config)."""
+
+    family: str = FAMILY
+    pretrained: str | None = None
+    transformer: dict[str, Any] | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    twin_embedder: bool = True
+    kernels: Literal["eager", "triton"] = "eager"
+    gradient_checkpointing: bool = False
+    edit: bool = False
+    lora: SD35LoraSettings = field(default_factory=SD35LoraSettings)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "kernels" and value == "triton":
+            raise ConfigError(
+                "config key 'model.kernels': the fused dual-time embedding does not cover SD3.5's rule yet; "
+                "set the top-level 'kernels: eager'"
+            )
+        super().__setattr__(name, value)
+
+    def __post_init__(self) -> None:
+        if self.family != FAMILY:
+            raise ConfigError(f"config key 'family' is {self.family!r}, but this is the {FAMILY!r} section")
+        if (self.pretrained is None) == (self.transformer is None):
+            raise ConfigError("exactly one of config keys 'pretrained' and 'transformer' must be set")
+        if self.edit:
+            raise ConfigError("config key 'edit': SD3.5 has no edit variant")
+        if self.transformer is not None:
+            unknown = sorted(set(self.transformer) - set(TRANSFORMER_DEFAULTS))
+            if unknown:
+                raise ConfigError(f"unknown config keys {[f'transformer.{k}' for k in unknown]}; "
+                                  f"valid keys: {sorted(TRANSFORMER_DEFAULTS)}")
+        if self.lora.train_time_embed_2 is None:
+            self.lora.train_time_embed_2 = "full" if self.twin_embedder else "frozen"
+        elif self.lora.train_time_embed_2 != "frozen" and not self.twin_embedder:
+            raise ConfigError(f"config key 'lora.train_time_embed_2': {self.lora.train_time_embed_2!r} needs "
+                              "twin_embedder: true (there is no time_text_embed_2 in single-embedder mode)")
+
+    def transformer_settings(self) -> dict[str, Any]:
+        """The inline ``transformer`` over the defaults, or the pretrained folder's ``config.json``."""
+        return transformer_settings(TRANSFORMER_DEFAULTS, self.transformer, self.pretrained)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
