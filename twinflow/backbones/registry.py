@@ -160,6 +160,9 @@ class BackboneSpec:
     """
 
     family: str = ""
+    transformer_class_names: tuple[str, ...] = ()
+    """``_class_name`` values of a diffusers ``config.json`` this family loads (a published folder without
+    an export record is recognised by them; see :func:`family_of_model_folder`)."""
     config_type: type = object
     encoder_config_type: type = object
     condition_type: type = object
@@ -308,6 +311,21 @@ def spec_for_condition(cond: Any) -> BackboneSpec:
         if isinstance(cond, spec.condition_type):
             return spec
     raise TypeError(f"no backbone family has the condition type {type(cond).__name__}")
+
+
+def family_of_model_folder(folder: Any) -> Optional[str]:
+    """The family whose ``transformer_class_names`` name the ``_class_name`` of ``folder``'s transformer
+    config (``transformer/config.json`` or ``config.json``); None when there is none or no family claims it."""
+    import json
+
+    for config in (Path(folder) / "transformer" / "config.json", Path(folder) / "config.json"):
+        if config.is_file():
+            try:
+                name = json.loads(config.read_text()).get("_class_name")
+            except (OSError, ValueError, AttributeError):
+                return None
+            return next((s.family for s in _all_specs() if name in s.transformer_class_names), None)
+    return None
 
 
 def spec_for_cache_format(fmt: Any) -> Optional[BackboneSpec]:

@@ -150,9 +150,18 @@ class TextToImageConditioner:
         return type(self._uncond).cat([self._uncond] * batch_size)
 
     @torch.no_grad()
-    def encode_pair(self, texts: Sequence[str]) -> tuple[Any, Any]:
-        """(condition, unconditional condition) for a batch of prompts."""
+    def encode_pair(self, texts: Sequence[str], ref_images: Any = None) -> tuple[Any, Any]:
+        """(condition, unconditional condition) for a batch of prompts (``ref_images``: the seam's edit
+        argument; these backbones have no edit model, so it must be None)."""
+        if ref_images is not None:
+            raise ValueError(f"{self.FAMILY} has no edit model: encode_pair takes no reference images")
         return self.encode_prompts(texts), self.encode_unconditional(len(texts))
+
+    def drop_text_encoder(self) -> None:
+        """Free the text encoders (sampling keeps only the VAE; prompts are encoded before this)."""
+        for name, value in list(vars(self).items()):
+            if isinstance(value, nn.Module) and value is not self.vae:
+                setattr(self, name, None)
 
     @property
     def latent_channels(self) -> int:

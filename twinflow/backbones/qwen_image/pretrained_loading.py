@@ -45,19 +45,21 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
     )
 
 
-def _source_keys(model: nn.Module, available: set[str], twin: bool, folder: Path) -> dict[str, str]:
-    """Model parameter name -> checkpoint key to read it from."""
+def _source_keys(model: nn.Module, available: set[str], twin: bool, folder: Path,
+                 prefixes: tuple[str, str] = (PRIMARY_PREFIX, TWIN_PREFIX)) -> dict[str, str]:
+    """Model parameter name -> checkpoint key to read it from (``prefixes``: E1's and E2's)."""
+    primary, second = prefixes
     sources, missing = {}, []
     for name, _ in model.named_parameters():
         if name in available:
             sources[name] = name
-        elif twin and name.startswith(TWIN_PREFIX) and PRIMARY_PREFIX + name[len(TWIN_PREFIX):] in available:
-            sources[name] = PRIMARY_PREFIX + name[len(TWIN_PREFIX):]
+        elif twin and name.startswith(second) and primary + name[len(second):] in available:
+            sources[name] = primary + name[len(second):]
         else:
             missing.append(name)
-    twin_in_checkpoint = [k for k in available if k.startswith(TWIN_PREFIX)]
-    if twin_in_checkpoint and any(sources.get(n, n) != n for n in sources if n.startswith(TWIN_PREFIX)):
-        raise ConfigError(f"checkpoint {folder} holds only part of time_text_embed_2")
+    twin_in_checkpoint = [k for k in available if k.startswith(second)]
+    if twin_in_checkpoint and any(sources.get(n, n) != n for n in sources if n.startswith(second)):
+        raise ConfigError(f"checkpoint {folder} holds only part of {second.rstrip('.')}")
     unexpected = sorted(available - set(sources.values()))
     if missing or unexpected:
         raise ConfigError(
@@ -82,11 +84,13 @@ def _check_shapes(model: nn.Module, sources: dict[str, str], files: dict[str, Pa
 
 
 @torch.no_grad()
-def load_checkpoint_into(model: nn.Module, folder: str | Path, twin_embedder: bool) -> None:
-    """Copy the checkpoint in ``folder`` into ``model`` (partitioned or not), module by module."""
+def load_checkpoint_into(model: nn.Module, folder: str | Path, twin_embedder: bool,
+                         prefixes: tuple[str, str] = (PRIMARY_PREFIX, TWIN_PREFIX)) -> None:
+    """Copy the checkpoint in ``folder`` into ``model`` (partitioned or not), module by module.
+    ``prefixes`` name E1 and E2 (E2 is filled from E1 when the checkpoint lacks it); Z-Image passes its own."""
     folder = Path(folder)
     files = checkpoint_files(folder)
-    sources = _source_keys(model, set(files), twin_embedder, folder)
+    sources = _source_keys(model, set(files), twin_embedder, folder, prefixes)
     _check_shapes(model, sources, files, folder)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     handles: dict[Path, object] = {}
