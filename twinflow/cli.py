@@ -175,7 +175,7 @@ def _configure_sample(p: argparse.ArgumentParser) -> None:
 def _run_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from twinflow.backbones.registry import backbone_spec
+    from twinflow.backbones.registry import backbone_spec, family_of_model_folder
     from twinflow.data.latent_codec import LatentCodec
     from twinflow.sampling import SAMPLER_PRESETS
     from twinflow.training.export import EXPORT_RECORD, read_export_record
@@ -189,7 +189,8 @@ def _run_sample(args: argparse.Namespace) -> int:
         raise CLIError(f"--model {args.model}: no such folder")
     # What the run trained with, as its export records it: backbone, encoders, latent codec, image size.
     record = read_export_record(args.model)
-    spec = backbone_spec(record.get("family"), key=f"{EXPORT_RECORD}: family")
+    # A folder written by something else (a published model) has no record: its diffusers class names the family.
+    spec = backbone_spec(record.get("family") or family_of_model_folder(args.model), key=f"{EXPORT_RECORD}: family")
     recorded = record.get("sampling") or {}
     codec = LatentCodec.parse(recorded.get("latent_codec"))
     encoders = args.encoders or recorded.get("encoders") or args.model

@@ -23,7 +23,6 @@ from twinflow.backbones.registry import (
     BackboneSpec,
     CacheSchema,
     DataShapes,
-    DualTimeRule,
     MemoryInventory,
     backbone_spec,
     families,
@@ -31,6 +30,7 @@ from twinflow.backbones.registry import (
     register_backbone,
     unregister_backbone,
 )
+from twinflow.kernels.dual_time_rule import QWEN_IMAGE, SD35
 from twinflow.utils.typed_config import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -185,7 +185,7 @@ class ToySpec(BackboneSpec):
         return lambda config, device: ToyBackbone(config).to(device)
 
     def dual_time_rule(self, config):
-        return DualTimeRule(second_input="tt", coefficient="t - tt", time_scale=1000.0, extra_input="pooled")
+        return SD35
 
     def check_model_files(self, config):
         pass
@@ -275,7 +275,7 @@ def test_qwen_image_spec_states_its_seam_data():
     config = QwenImageBackboneConfig(transformer={"num_layers": 1}, lora=LoraSettings(enabled=True,
                                                                                        train_time_embed_2="lora"))
     assert "to_q" in spec.lora_targets(config) and "time_text_embed_2.timestep_embedder.linear_1" in spec.lora_targets(config)
-    assert spec.dual_time_rule(config) == DualTimeRule("tt", "t - tt", 1000.0)
+    assert spec.dual_time_rule(config) is QWEN_IMAGE
     assert dataclasses.replace(config, family=DEFAULT_FAMILY) == config
 
 

@@ -7,39 +7,27 @@ with :func:`register_backbone`. The config key ``model.family`` selects it (defa
 ``twinflow/backbones/`` asks this module for the spec and never imports a family's modules; a test
 (``tests/backbones/test_backbone_seam.py``) keeps it so.
 
-Families are found by name: ``backbone_spec("x")`` imports ``twinflow.backbones.x``, whose
-``__init__`` imports the module that registers it. That import must stay light (no diffusers, no
-peft): it happens whenever a config is loaded. Heavy imports belong in the spec's methods.
+Families are found by name: ``backbone_spec("x")`` imports ``twinflow.backbones.x.spec``, the module
+that registers it (a folder without one is not a family yet). That import must stay light (no
+diffusers, no peft): it happens whenever a config is loaded. Heavy imports belong in the spec's methods.
+
+A family's dual-time rule is the fused kernel's own description, :class:`CombineRule`
+(``twinflow.kernels.dual_time_rule``, plain values): one description of the rule, which the kernel
+compiles and the spec reports.
 """
 from __future__ import annotations
 
 import importlib
 import pkgutil
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
+from twinflow.kernels.dual_time_rule import CombineRule
 from twinflow.utils.typed_config import ConfigError
 
 DEFAULT_FAMILY = "qwen_image"
 """The family of a ``model`` section without ``family``: every config that predates the key."""
-
-
-@dataclass(frozen=True)
-class DualTimeRule:
-    """How a backbone combines its two time embeddings (ALGORITHM.md §2.1), as data.
-
-    ``temb = E1(t * time_scale [, extra]) + E2(second_input * time_scale [, extra]) * coefficient``,
-    where ``second_input`` is ``"tt"`` or ``"tt - t"``, ``coefficient`` is ``"t - tt"`` or
-    ``"|t - tt|"`` (optionally divided by ``coefficient_divisor``), and ``extra_input`` names a further
-    input both embedders take (SD3's pooled text), or is None.
-    """
-
-    second_input: str = "tt"
-    coefficient: str = "t - tt"
-    time_scale: float = 1000.0
-    coefficient_divisor: float = 1.0
-    extra_input: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -160,6 +148,9 @@ class BackboneSpec:
     """
 
     family: str = ""
+    transformer_class_names: tuple[str, ...] = ()
+    """``_class_name`` values of a diffusers ``config.json`` this family loads (a published folder without
+    an export record is recognised by them; see :func:`family_of_model_folder`)."""
     config_type: type = object
     encoder_config_type: type = object
     condition_type: type = object
@@ -175,8 +166,8 @@ class BackboneSpec:
         """The module to sample from, loaded from an exported (or published) model folder."""
         raise NotImplementedError
 
-    def dual_time_rule(self, config: Any) -> DualTimeRule:
-        """The dual-time combine rule of a model built from ``config``."""
+    def dual_time_rule(self, config: Any) -> Optional[CombineRule]:
+        """The dual-time combine rule of a model built from ``config`` (None: one embedder, no combine)."""
         raise NotImplementedError
 
     def tiny_config(self) -> dict[str, Any]:
@@ -308,6 +299,21 @@ def spec_for_condition(cond: Any) -> BackboneSpec:
         if isinstance(cond, spec.condition_type):
             return spec
     raise TypeError(f"no backbone family has the condition type {type(cond).__name__}")
+
+
+def family_of_model_folder(folder: Any) -> Optional[str]:
+    """The family whose ``transformer_class_names`` name the ``_class_name`` of ``folder``'s transformer
+    config (``transformer/config.json`` or ``config.json``); None when there is none or no family claims it."""
+    import json
+
+    for config in (Path(folder) / "transformer" / "config.json", Path(folder) / "config.json"):
+        if config.is_file():
+            try:
+                name = json.loads(config.read_text()).get("_class_name")
+            except (OSError, ValueError, AttributeError):
+                return None
+            return next((s.family for s in _all_specs() if name in s.transformer_class_names), None)
+    return None
 
 
 def spec_for_cache_format(fmt: Any) -> Optional[BackboneSpec]:

@@ -157,6 +157,12 @@ class TextToImageConditioner:
         _no_reference(ref_images)
         return self.encode_prompts(texts), self.encode_unconditional(len(texts))
 
+    def drop_text_encoder(self) -> None:
+        """Free the text encoders (sampling keeps only the VAE; prompts are encoded before this)."""
+        for name, value in list(vars(self).items()):
+            if isinstance(value, nn.Module) and value is not self.vae:
+                setattr(self, name, None)
+
     @property
     def latent_channels(self) -> int:
         return self.codec.latent_channels

@@ -114,10 +114,7 @@ class QwenImageBackboneConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:
-        if self.family != FAMILY:
-            raise ConfigError(f"config key 'family' is {self.family!r}, but this is the {FAMILY!r} section")
-        if (self.pretrained is None) == (self.transformer is None):
-            raise ConfigError("exactly one of config keys 'pretrained' and 'transformer' must be set")
+        check_model_source(self, FAMILY)
         if self.transformer is not None:
             self._check_transformer_keys(self.transformer)
         if self.lora.train_time_embed_2 is None:
@@ -186,6 +183,14 @@ def transformer_settings(defaults: dict[str, Any], inline: dict[str, Any] | None
     except (OSError, ValueError) as e:
         raise ConfigError(f"config key 'pretrained': cannot read {file}: {e}") from e
     return {**defaults, **{k: v for k, v in saved.items() if k in defaults}}
+
+
+def check_model_source(section: Any, family: str) -> None:
+    """A ``model`` section of ``family`` names exactly one of ``pretrained`` and ``transformer``."""
+    if section.family != family:
+        raise ConfigError(f"config key 'family' is {section.family!r}, but this is the {family!r} section")
+    if (section.pretrained is None) == (section.transformer is None):
+        raise ConfigError("exactly one of config keys 'pretrained' and 'transformer' must be set")
 
 
 def resolve_pretrained_dir(path: str) -> Path:

@@ -7,6 +7,7 @@ switch adapters, are backbone-independent and live in :mod:`twinflow.method.teac
 from __future__ import annotations
 
 import warnings
+from typing import Any, Sequence
 
 import torch
 from peft import LoraConfig
@@ -22,18 +23,20 @@ TIME_EMBED_2 = "time_text_embed_2"
 TIME_EMBED_2_LINEARS = [f"{TIME_EMBED_2}.timestep_embedder.linear_1", f"{TIME_EMBED_2}.timestep_embedder.linear_2"]
 
 
-def lora_config(settings: LoraSettings, *, dropout: float) -> LoraConfig:
+def lora_config(settings: LoraSettings, *, dropout: float, time_embed_2: str = TIME_EMBED_2,
+                time_embed_2_linears: Sequence[str] = TIME_EMBED_2_LINEARS) -> LoraConfig:
     """The peft config of one adapter (the EMA adapter uses ``dropout=0``: teacher passes are
-    deterministic; the scaling ``alpha / rank`` is the same for both)."""
+    deterministic; the scaling ``alpha / rank`` is the same for both). ``time_embed_2`` names the second
+    time embedder and ``time_embed_2_linears`` its linears (another backbone's names: Z-Image's)."""
     targets = list(settings.target_modules)
     if settings.train_time_embed_2 == "lora":
-        targets += TIME_EMBED_2_LINEARS
+        targets += list(time_embed_2_linears)
     return LoraConfig(
         r=settings.rank,
         lora_alpha=settings.alpha,
         lora_dropout=dropout,
         target_modules=targets,
-        modules_to_save=[TIME_EMBED_2] if settings.train_time_embed_2 == "full" else None,
+        modules_to_save=[time_embed_2] if settings.train_time_embed_2 == "full" else None,
         init_lora_weights=True,
     )
 
@@ -60,21 +63,23 @@ def _reinit_partitioned_lora(model: nn.Module, adapter: str) -> None:
                     module.reset_lora_parameters(adapter, init_lora_weights=True)
 
 
-def add_lora(transformer: nn.Module, settings: LoraSettings) -> None:
+def add_lora(transformer: nn.Module, settings: LoraSettings, **names: Any) -> None:
     """Inject the ``default`` adapter (and, with ``settings.ema_adapter``, the ``ema`` adapter, equal to
-    it) into ``transformer``. Afterwards only the ``default`` adapter's weights require grad."""
+    it) into ``transformer``. Afterwards only the ``default`` adapter's weights require grad. ``names``:
+    :func:`lora_config`'s embedder names, for another backbone."""
     if any(hasattr(p, "ds_id") for p in transformer.parameters()) and settings.train_time_embed_2 == "full":
         raise ValueError(
-            "config key 'lora.train_time_embed_2': 'full' copies time_text_embed_2 per adapter, which cannot be "
-            "done on ZeRO-3 partitioned parameters; use 'lora' or 'frozen' when building under deepspeed.zero.Init"
+            f"config key 'lora.train_time_embed_2': 'full' copies {names.get('time_embed_2', TIME_EMBED_2)} per "
+            "adapter, which cannot be done on ZeRO-3 partitioned parameters; use 'lora' or 'frozen' when building "
+            "under deepspeed.zero.Init"
         )
-    transformer.add_adapter(lora_config(settings, dropout=settings.dropout), ADAPTER)
+    transformer.add_adapter(lora_config(settings, dropout=settings.dropout, **names), ADAPTER)
     _reinit_partitioned_lora(transformer, ADAPTER)
     if settings.ema_adapter:
         with warnings.catch_warnings():
             # peft warns that a second adapter is being added, which is the point here.
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            transformer.add_adapter(lora_config(settings, dropout=0.0), EMA_ADAPTER)
+            transformer.add_adapter(lora_config(settings, dropout=0.0, **names), EMA_ADAPTER)
         pairs = adapter_pairs(transformer)
         with gathered([p for pair in pairs for p in pair], modify=True), torch.no_grad():
             for ema, src in pairs:

@@ -45,23 +45,26 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
     )
 
 
-def _source_keys(model: nn.Module, available: set[str], twin: bool, folder: Path, twin_from_primary: bool = True
+def _source_keys(model: nn.Module, available: set[str], twin: bool, folder: Path,
+                 prefixes: tuple[str, str] = (PRIMARY_PREFIX, TWIN_PREFIX), twin_from_primary: bool = True
                  ) -> dict[str, str]:
-    """Model parameter name -> checkpoint key to read it from (None: keep the model's value)."""
+    """Model parameter name -> checkpoint key to read it from (None: keep the model's value; ``prefixes``:
+    E1's and E2's)."""
+    primary, second = prefixes
     sources, missing = {}, []
-    plain = not any(k.startswith(TWIN_PREFIX) for k in available)
+    plain = not any(k.startswith(second) for k in available)
     for name, _ in model.named_parameters():
         if name in available:
             sources[name] = name
-        elif twin and name.startswith(TWIN_PREFIX) and not twin_from_primary and plain:
+        elif twin and name.startswith(second) and not twin_from_primary and plain:
             sources[name] = None
-        elif twin and name.startswith(TWIN_PREFIX) and PRIMARY_PREFIX + name[len(TWIN_PREFIX):] in available:
-            sources[name] = PRIMARY_PREFIX + name[len(TWIN_PREFIX):]
+        elif twin and name.startswith(second) and primary + name[len(second):] in available:
+            sources[name] = primary + name[len(second):]
         else:
             missing.append(name)
-    twin_in_checkpoint = [k for k in available if k.startswith(TWIN_PREFIX)]
-    if twin_in_checkpoint and any(sources.get(n, n) != n for n in sources if n.startswith(TWIN_PREFIX)):
-        raise ConfigError(f"checkpoint {folder} holds only part of time_text_embed_2")
+    twin_in_checkpoint = [k for k in available if k.startswith(second)]
+    if twin_in_checkpoint and any(sources.get(n, n) != n for n in sources if n.startswith(second)):
+        raise ConfigError(f"checkpoint {folder} holds only part of {second.rstrip('.')}")
     # Buffers a checkpoint holds (SD3's fixed position table) are computed by the model's constructor.
     unexpected = sorted(available - set(sources.values()) - {name for name, _ in model.named_buffers()})
     if missing or unexpected:
@@ -89,15 +92,16 @@ def _check_shapes(model: nn.Module, sources: dict[str, str], files: dict[str, Pa
 
 
 @torch.no_grad()
-def load_checkpoint_into(model: nn.Module, folder: str | Path, twin_embedder: bool, *,
+def load_checkpoint_into(model: nn.Module, folder: str | Path, twin_embedder: bool,
+                         prefixes: tuple[str, str] = (PRIMARY_PREFIX, TWIN_PREFIX), *,
                          twin_from_primary: bool = True) -> None:
     """Copy the checkpoint in ``folder`` into ``model`` (partitioned or not), module by module.
 
-    ``twin_from_primary=False``: a plain checkpoint leaves ``time_text_embed_2`` as the model initialised
-    it (SD3.5's normal(0, 0.02)) instead of copying ``time_text_embed`` into it."""
+    ``prefixes`` name E1 and E2 (Z-Image passes its own). A plain checkpoint (no E2) fills E2 from E1,
+    or with ``twin_from_primary=False`` leaves E2 as the model initialised it (SD3.5's normal(0, 0.02))."""
     folder = Path(folder)
     files = checkpoint_files(folder)
-    sources = _source_keys(model, set(files), twin_embedder, folder, twin_from_primary)
+    sources = _source_keys(model, set(files), twin_embedder, folder, prefixes, twin_from_primary)
     _check_shapes(model, sources, files, folder)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     handles: dict[Path, object] = {}

@@ -13,10 +13,10 @@ from twinflow.backbones.registry import (
     BackboneSpec,
     CacheSchema,
     DataShapes,
-    DualTimeRule,
     MemoryInventory,
     register_backbone,
 )
+from twinflow.kernels.dual_time_rule import QWEN_IMAGE, CombineRule
 from twinflow.utils.typed_config import ConfigError
 
 from .condition import QwenCondition
@@ -79,11 +79,10 @@ class QwenImageSpec(BackboneSpec):
     def load_for_sampling(self, folder: str, dtype: str, device: Any) -> Any:
         return self.builder()(QwenImageBackboneConfig(pretrained=folder, dtype=dtype), device)
 
-    def dual_time_rule(self, config: QwenImageBackboneConfig) -> DualTimeRule:
-        """``E1(t) + E2(tt) (t - tt)``; without the twin embedder, ``E1(t - tt/2)`` (no second term)."""
-        if config.twin_embedder:
-            return DualTimeRule(second_input="tt", coefficient="t - tt", time_scale=1000.0)
-        return DualTimeRule(second_input="none (E1 sees t - tt/2)", coefficient="0", time_scale=1000.0)
+    def dual_time_rule(self, config: QwenImageBackboneConfig) -> Optional[CombineRule]:
+        """``E1(t) + E2(tt) (t - tt)`` (the kernel's ``QWEN_IMAGE``); without the twin embedder, None
+        (``E1(t - tt/2)``, no second term)."""
+        return QWEN_IMAGE if config.twin_embedder else None
 
     def tiny_config(self) -> dict[str, Any]:
         from .tiny import tiny_transformer_config

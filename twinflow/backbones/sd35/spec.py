@@ -14,10 +14,10 @@ from twinflow.backbones.registry import (
     BackboneSpec,
     CacheSchema,
     DataShapes,
-    DualTimeRule,
     MemoryInventory,
     register_backbone,
 )
+from twinflow.kernels.dual_time_rule import SD35, CombineRule
 from twinflow.utils.typed_config import ConfigError
 
 from ..qwen_image.config import DTYPES
@@ -80,15 +80,11 @@ class SD35Spec(BackboneSpec):
         return self.builder()(SD35BackboneConfig(pretrained=folder, dtype=dtype, twin_embedder=_twin_embedder(folder)),
                               device)
 
-    def dual_time_rule(self, config: SD35BackboneConfig) -> DualTimeRule:
-        """In the times the transformer receives (``T = 1000 t``, scaled by the adapter, hence
-        ``time_scale`` 1): ``E1(T, pooled) + E2(TT, pooled) (T - TT) / 1000``; without the twin embedder,
-        ``E1(T - TT/2, pooled)``."""
-        if config.twin_embedder:
-            return DualTimeRule(second_input="tt", coefficient="t - tt", time_scale=1.0, coefficient_divisor=1000.0,
-                                extra_input="pooled")
-        return DualTimeRule(second_input="none (E1 sees t - tt/2)", coefficient="0", time_scale=1.0,
-                            extra_input="pooled")
+    def dual_time_rule(self, config: SD35BackboneConfig) -> Optional[CombineRule]:
+        """In the times the transformer receives (``T = 1000 t``, scaled by the adapter):
+        ``E1(T, pooled) + E2(TT, pooled) (T - TT) / 1000`` (the kernel's ``SD35``); without the twin
+        embedder, None (``E1(T - TT/2, pooled)``)."""
+        return SD35 if config.twin_embedder else None
 
     def tiny_config(self) -> dict[str, Any]:
         from .tiny import tiny_transformer_config
@@ -195,7 +191,7 @@ class SD35Spec(BackboneSpec):
         from ..qwen_image.export import plain_transformer
         from .transformer import TwinFlowSD3Transformer
 
-        return set(plain_transformer(transformer_config, config, TwinFlowSD3Transformer).state_dict()) - {POS_EMBED}
+        return set(plain_transformer(transformer_config, config, cls=TwinFlowSD3Transformer).state_dict()) - {POS_EMBED}
 
     def write_export(self, state: dict[str, Any], transformer_config: Mapping[str, Any], config: Any, folder: Any,
                      *, weights: str, merge_lora: bool) -> None:
@@ -203,12 +199,12 @@ class SD35Spec(BackboneSpec):
         the adapter in ``StableDiffusion3Pipeline``'s LoRA format under ``lora/`` (+ ``transformer/``)."""
         from diffusers import StableDiffusion3Pipeline
 
-        from ..qwen_image.export import write_transformer
+        from ..qwen_image.export import plain_transformer, save_transformer
         from .transformer import TwinFlowSD3Transformer
 
         state = {POS_EMBED: _position_table(transformer_config), **state}
-        write_transformer(state, transformer_config, config, folder, weights=weights, merge_lora=merge_lora,
-                          transformer_cls=TwinFlowSD3Transformer, pipeline_cls=StableDiffusion3Pipeline)
+        save_transformer(plain_transformer(transformer_config, config, cls=TwinFlowSD3Transformer), state, config,
+                         folder, pipeline=StableDiffusion3Pipeline, weights=weights, merge_lora=merge_lora)
 
 
 POS_EMBED = "pos_embed.pos_embed"

@@ -18,13 +18,15 @@ note:
 10. tiny local builds: :mod:`.tiny` (transformer config), :mod:`.tiny_encoders` (Qwen3 encoder with a
     locally trained tokenizer and chat template, VAE).
 
-Still missing, to be wired through the seam: 1 (the ``model:`` config dataclass), the builder under
-``deepspeed.zero.Init`` with streamed checkpoint loading (2, 9), 3 as data for the fused kernel (which
-covers Qwen-Image's rule only), 6 (cache schema: ``embeds``, ``mask``), the EMA-adapter coverage of 7
-and 8 (memory inventory). There is no single-embedder mode: the reference's Z-Image always has two.
+Wired through the seam in :mod:`.spec` (``model.family: z_image``): the config (:mod:`.config`), the
+builder under ``deepspeed.zero.Init`` (:mod:`.build`), the cache schema, the export (:mod:`.export`) and
+the memory inventory (:mod:`.memory`). The combine rule is declared as data (``dual_time_rule``) but runs
+eager: ``kernels: triton`` is refused until the fused kernel covers it. There is no single-embedder mode:
+the reference's Z-Image always has two.
 
 Only the light pieces are re-exported here; the other modules import diffusers/transformers.
 """
+from . import spec as _spec  # noqa: F401  (registers the family)
 from .condition import ZImageCondition
 
 __all__ = ["ZImageCondition"]

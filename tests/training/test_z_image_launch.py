@@ -1,0 +1,123 @@
+"""Z-Image through the whole product on 2 CPU ranks: a tiny raw dataset -> ``python -m
+twinflow.data.precompute`` (tiny Qwen3 encoder and VAE) -> ``deepspeed --module twinflow.train`` (ZeRO-3,
+EMA teacher) -> resume from the middle with equal losses -> ``twinflow export`` -> ``from_pretrained`` ->
+``twinflow sample`` at 1, 2, 4 and 30 NFE; the same for LoRA (peft) with the EMA adapter.
+
+Four launches in all (a straight run and a resumed one per mode), ~30-60 s each here.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_distributed import ENV, _losses, _tail, launch
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "configs" / "tiny_cpu_z_image.yaml"
+PRESETS = ["one_step", "few_step", "any_step", "multi_step"]  # 1, 2, 4 and 30 NFE
+LORA = ["model.lora.enabled=true", "model.lora.rank=4", "model.lora.alpha=4.0", "method.ema_decay_rate=0.9"]
+pytestmark = pytest.mark.distributed
+
+
+def _run(args: list[str], log: Path) -> None:
+    with open(log, "w") as f:
+        rc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=ENV, stdout=f, stderr=subprocess.STDOUT,
+                            timeout=900).returncode
+    assert rc == 0, _tail(log)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> tuple[Path, dict]:
+    """A tiny parquet dataset encoded through the real precompute; returns the folder and the data section."""
+    sys.path.insert(0, str(REPO / "tests" / "data"))
+    from data_helpers import image_bytes, write_parquet
+    from twinflow.backbones.z_image.tiny_encoders import save_tiny_model_folder
+
+    root = tmp_path_factory.mktemp("z_image")
+    encoders = save_tiny_model_folder(root / "encoders")
+    (root / "raw").mkdir()
+    rows = [{"caption": f"a photo of item {i}", "image": image_bytes(i, (64, 64))} for i in range(8)]
+    write_parquet(root / "raw" / "train.parquet", rows)
+    data = {"source": "parquet", "paths": [str(root / "raw")], "image_size": 64, "use_cache": True,
+            "cache_dir": str(root / "cache"), "cache_dtype": "float32"}
+    job = {"model": {"family": "z_image"}, "data": data, "precompute": {"batch_size": 4, "shard_size": 4, "device": "cpu"},
+           "encoder": {"model_path": str(encoders), "max_sequence_length": 32, "text_encoder_dtype": "float32",
+                       "vae_dtype": "float32"}}
+    (root / "precompute.yaml").write_text(yaml.safe_dump(job))
+    _run(["twinflow.data.precompute", "--config", str(root / "precompute.yaml"), "--no-progress"], root / "precompute.log")
+    return root, data
+
+
+def _train_config(root: Path, data: dict, name: str, pretrained: bool) -> Path:
+    """The tiny config on the cache; ``pretrained``: the tiny transformer saved as a model folder instead of
+    the inline one (a LoRA checkpoint holds the adapters only, so its export reads the base weights there)."""
+    config = yaml.safe_load(TINY.read_text())
+    del config["synthetic_data"]
+    config["data"] = data
+    config["train"]["sample_every"] = 0
+    if pretrained:
+        from twinflow.backbones.z_image.transformer import TwinFlowZImageTransformer
+
+        TwinFlowZImageTransformer(**config["model"].pop("transformer")).save_pretrained(root / name / "base")
+        config["model"]["pretrained"] = str(root / name / "base")
+    path = root / name / "train.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _mode(cache, name: str, overrides: list[str], export_args: list[str]) -> dict:
+    root, data = cache
+    out = root / name
+    out.mkdir()
+    config = str(_train_config(root, data, name, pretrained=bool(export_args)))
+    base = ["--module", "twinflow.train", "--config", config, *overrides]
+    assert launch(base + [f"train.output_dir={out / 'straight'}"], out / "straight.log") == 0, _tail(out / "straight.log")
+    resume = out / "straight" / "checkpoints" / "step_00000002"
+    assert launch(base + [f"train.output_dir={out / 'resumed'}", f"train.resume={resume}"], out / "resumed.log") == 0, \
+        _tail(out / "resumed.log")
+    export = out / "export"
+    _run(["twinflow.cli", "export", "--checkpoint", str(out / "straight" / "checkpoints" / "step_00000004"),
+          "--out", str(export), *export_args], out / "export.log")
+    samples = out / "samples"
+    _run(["twinflow.cli", "sample", "--model", str(export), "--prompt", "a red cat", "--height", "32", "--device", "cpu",
+          "--output", str(samples), *[a for p in PRESETS for a in ("--preset", p)]], out / "sample.log")
+    return {"straight": _losses(out / "straight" / "metrics.jsonl"), "resumed": _losses(out / "resumed" / "metrics.jsonl"),
+            "export": export, "samples": sorted(p.name for p in samples.glob("*.png"))}
+
+
+@pytest.fixture(scope="module")
+def full(cache) -> dict:
+    return _mode(cache, "full", [], [])
+
+
+@pytest.fixture(scope="module")
+def lora(cache) -> dict:
+    return _mode(cache, "lora", LORA, ["--merge-lora"])
+
+
+def _check_resume(run: dict) -> None:
+    assert sorted(run["straight"]) == [1, 2, 3, 4] and sorted(run["resumed"]) == [3, 4]
+    for step, values in run["resumed"].items():
+        assert values[0] == pytest.approx(run["straight"][step][0], rel=1e-5, abs=1e-6), step
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_resumed_run_reproduces_the_straight_runs_losses(mode, request):
+    _check_resume(request.getfixturevalue(mode))
+
+
+@pytest.mark.parametrize("mode,folder", [("full", ""), ("lora", "transformer")])
+def test_export_loads_with_from_pretrained_and_samples_at_every_preset(mode, folder, request):
+    from twinflow.backbones.z_image.transformer import TwinFlowZImageTransformer
+
+    run = request.getfixturevalue(mode)
+    model, info = TwinFlowZImageTransformer.from_pretrained(run["export"] / folder, output_loading_info=True)
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+    assert any(k.startswith("t_embedder_2.") for k in model.state_dict())
+    assert len(run["samples"]) == len(PRESETS), run["samples"]
+    if mode == "lora":
+        assert (run["export"] / "lora" / "pytorch_lora_weights.safetensors").is_file()

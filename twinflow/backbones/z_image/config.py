@@ -1,0 +1,115 @@
+"""Configuration of the Z-Image backbone (the ``model`` section with ``family: z_image``).
+
+Light on purpose (no diffusers, no peft): it is imported whenever a config is loaded. The builder
+(:mod:`.build`) and the LoRA injection (:mod:`.lora`) import this module, never the reverse.
+
+Differences from Qwen-Image's section: there is no ``twin_embedder`` switch (the reference's Z-Image
+always has ``t_embedder_2``), no ``edit`` model (``edit`` exists for the trainer and must stay false),
+no ``attention_backend`` (diffusers' Z-Image attention dispatches on its own), and ``kernels`` must be
+``eager`` until the fused dual-time kernel covers Z-Image's combine rule.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from twinflow.utils.typed_config import ConfigError
+
+from ..qwen_image.config import DTYPES, check_model_source, resolve_pretrained_dir
+from ..qwen_image.config import LoraSettings as QwenLoraSettings
+from .lora import LORA_TARGET_MODULES
+
+FAMILY = "z_image"
+
+TRANSFORMER_DEFAULTS: dict[str, Any] = {
+    "all_patch_size": (2,),
+    "all_f_patch_size": (1,),
+    "in_channels": 16,
+    "dim": 3840,
+    "n_layers": 30,
+    "n_refiner_layers": 2,
+    "n_heads": 30,
+    "n_kv_heads": 30,
+    "norm_eps": 1e-5,
+    "qk_norm": True,
+    "cap_feat_dim": 2560,
+    "siglip_feat_dim": None,
+    "rope_theta": 256.0,
+    "t_scale": 1000.0,
+    "axes_dims": (32, 48, 48),
+    "axes_lens": (1024, 512, 512),
+}
+"""The keys an inline ``transformer`` config may set, with the transformer's defaults (diffusers'
+``ZImageTransformer2DModel`` defaults, which are Z-Image-Turbo's published ``transformer/config.json``).
+A test keeps this equal to ``TwinFlowZImageTransformer.__init__``'s signature."""
+
+
+@dataclass
+class LoraSettings(QwenLoraSettings):
+    """Qwen-Image's LoRA settings with Z-Image's targets (:data:`.lora.LORA_TARGET_MODULES`).
+
+    ``train_time_embed_2`` defaults to ``lora`` (LoRA on ``t_embedder_2``'s two linears): ``full`` copies
+    the embedder per adapter, which cannot be done on the ZeRO-3 partitioned parameters the trainer
+    builds, and ``frozen`` would leave the second time embedding untrained.
+    """
+
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
+    train_time_embed_2: Literal["full", "lora", "frozen"] | None = "lora"
+
+
+@dataclass
+class ZImageBackboneConfig:
+    """Where the transformer comes from and how it runs: exactly one of ``pretrained`` (a local diffusers
+    folder, a pipeline root with ``transformer/`` or a transformer folder, plain Z-Image or TwinFlow
+    layout; loaded offline) and ``transformer`` (an inline config, randomly initialised)."""
+
+    family: str = FAMILY
+    pretrained: str | None = None
+    transformer: dict[str, Any] | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    kernels: Literal["eager", "triton"] = "eager"
+    gradient_checkpointing: bool = False
+    edit: bool = False
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def __post_init__(self) -> None:
+        check_model_source(self, FAMILY)
+        if self.edit:
+            raise ConfigError("config key 'edit': Z-Image has no edit model; set edit: false")
+        if self.transformer is not None:
+            unknown = sorted(set(self.transformer) - set(TRANSFORMER_DEFAULTS))
+            if unknown:
+                raise ConfigError(f"unknown config keys 'transformer.{unknown[0]}' (of {unknown}); valid keys: "
+                                  f"{sorted(TRANSFORMER_DEFAULTS)}")
+        check_kernels(self.kernels)
+
+    def transformer_settings(self) -> dict[str, Any]:
+        """The inline ``transformer`` over the defaults, or the pretrained folder's ``config.json``
+        (:class:`ConfigError` naming the file when it is unusable; ``resolve_pretrained_dir`` is Qwen-Image's:
+        the same diffusers layouts)."""
+        if self.transformer is not None:
+            return {**TRANSFORMER_DEFAULTS, **self.transformer}
+        import json
+
+        file = resolve_pretrained_dir(self.pretrained) / "config.json"
+        try:
+            saved = {k: v for k, v in json.loads(file.read_text()).items() if k in TRANSFORMER_DEFAULTS}
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"config key 'pretrained': cannot read {file}: {e}") from e
+        return {**TRANSFORMER_DEFAULTS, **saved}
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def check_kernels(kernels: str) -> None:
+    """Z-Image's combine rule (``E2(tt - t) |t - tt|``) is not in the fused kernel yet: eager only."""
+    if kernels == "triton":
+        raise ConfigError(
+            "config key 'model.kernels': the fused dual-time embedding kernel does not cover Z-Image's rule yet; "
+            "set kernels: eager (the top-level 'kernels' key, whose 'auto' picks triton on CUDA, sets it too)"
+        )
