@@ -2,7 +2,8 @@
 
 Imported whenever a config is loaded, so only the light modules (config, condition) are imported at the
 top; each method imports what it needs. Where SD3.5 works as Qwen-Image does (LoRA injection, export
-layout, streamed checkpoint loading), Qwen-Image's code is reused with SD3's classes.
+layout, streamed checkpoint loading), Qwen-Image's code is reused with SD3's classes; what the diffusers
+families share is in :class:`~twinflow.backbones.diffusers_family.DiffusersFamilySpec`.
 """
 from __future__ import annotations
 
@@ -10,13 +11,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
-from twinflow.backbones.registry import (
-    BackboneSpec,
-    CacheSchema,
-    DataShapes,
-    MemoryInventory,
-    register_backbone,
-)
+from twinflow.backbones.diffusers_family import DiffusersFamilySpec
+from twinflow.backbones.registry import CacheSchema, DataShapes, register_backbone
 from twinflow.kernels.dual_time_rule import SD35, CombineRule
 from twinflow.utils.typed_config import ConfigError
 
@@ -59,16 +55,11 @@ class SD3CacheSchema(CacheSchema):
 
 
 @register_backbone(FAMILY)
-class SD35Spec(BackboneSpec):
+class SD35Spec(DiffusersFamilySpec):
     config_type = SD35BackboneConfig
     condition_type = SD3Condition
     cache_schema = SD3CacheSchema()
-
-    @property
-    def encoder_config_type(self) -> type:  # type: ignore[override]
-        from .encoders import EncoderConfig
-
-        return EncoderConfig
+    conditioner_name = "SD3Conditioner"
 
     # ------------------------------------------------------------------------------------- build
     def builder(self) -> Callable[[SD35BackboneConfig, Any], Any]:
@@ -86,65 +77,18 @@ class SD35Spec(BackboneSpec):
         embedder, None (``E1(T - TT/2, pooled)``)."""
         return SD35 if config.twin_embedder else None
 
-    def tiny_config(self) -> dict[str, Any]:
-        from .tiny import tiny_transformer_config
-
-        return {"family": FAMILY, "transformer": tiny_transformer_config(), "dtype": "float32"}
-
     # ------------------------------------------------------------------------------ conditioning
-    def conditioner_from_config(self, encoder: Any, device: Any, given: Any = None) -> Any:
-        from .encoders import SD3Conditioner
-
-        return given if given is not None else SD3Conditioner.from_config(encoder, device=device)
-
     def conditioner_from_pretrained(self, folder: str, *, dtype: Any, device: Any) -> Any:
-        from .encoders import SD3Conditioner
-
         name = next(k for k, v in DTYPES.items() if v == dtype)
-        return SD3Conditioner.from_pretrained(folder, device=device, text_encoder_dtype=name, vae_dtype=name)
-
-    def conditioner_from_fingerprint(self, fingerprint: Mapping[str, Any]) -> Any:
-        from .encoders import SD3Conditioner
-
-        keys = ("max_sequence_length", "negative_prompt", "text_encoder_dtype", "vae_dtype")
-        return SD3Conditioner.from_pretrained(fingerprint["model_path"], **{k: fingerprint[k] for k in keys})
-
-    def encoder_fingerprint(self, encoder: Any) -> dict[str, Any]:
-        from pathlib import Path
-
-        return {
-            "model_path": str(Path(encoder.model_path).resolve()),
-            "max_sequence_length": encoder.max_sequence_length,
-            "negative_prompt": encoder.negative_prompt,
-            "text_encoder_dtype": encoder.text_encoder_dtype,
-            "vae_dtype": encoder.vae_dtype,
-        }
-
-    def encoder_takes_reference(self, encoder: Any) -> bool:
-        return False
+        return self.conditioner_class().from_pretrained(folder, device=device, text_encoder_dtype=name, vae_dtype=name)
 
     # ----------------------------------------------------------------------------------- checks
-    def check_model_files(self, config: SD35BackboneConfig) -> None:
-        try:
-            config.transformer_settings()
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("config key '", "config key 'model.", 1)) from e
-
-    def check_data_shapes(self, config: SD35BackboneConfig, shapes: DataShapes, *, read_files: bool) -> None:
+    def check_layout(self, shapes: DataShapes) -> None:
         if "pooled_dim" not in shapes.layout:
             raise ConfigError(f"config key '{shapes.layout_key}': SD3.5 needs pooled text embeddings, which only a "
                               "cache built by the sd35 encoders holds (data.cache_dir, not synthetic_data)")
-        if config.transformer is None and not read_files:
-            return
-        model = config.transformer_settings()
-        where = "model.transformer" if config.transformer is not None else f"model.pretrained ({config.pretrained})"
-        if shapes.latent_channels != int(model["in_channels"]):
-            raise ConfigError(f"config key '{shapes.channels_key}' gives {shapes.latent_channels} latent channels but "
-                              f"{where} takes {model['in_channels']} (in_channels)")
-        patch = int(model["patch_size"])
-        if shapes.height % patch or shapes.width % patch:
-            raise ConfigError(f"config key '{shapes.size_key}': latents of {shapes.height}x{shapes.width} do not split "
-                              f"into {patch}x{patch} patches ({where}.patch_size)")
+
+    def check_text_widths(self, model: Mapping[str, Any], shapes: DataShapes, where: str) -> None:
         for key, setting in (("embed_dim", "joint_attention_dim"), ("pooled_dim", "pooled_projection_dim")):
             if int(shapes.layout[key]) != int(model[setting]):
                 raise ConfigError(f"config key '{shapes.layout_key}' gives {key} {shapes.layout[key]} but {where} "
@@ -157,27 +101,6 @@ class SD35Spec(BackboneSpec):
         return sorted(lora_config(config.lora, dropout=0.0).target_modules)
 
     # ------------------------------------------------------------------------------------ memory
-    def memory_inventory(self, config: SD35BackboneConfig) -> MemoryInventory:
-        from .memory import ACTIVATIONS, transformer_architecture, transformer_param_sizes
-
-        arch, source = transformer_architecture(config)
-        return MemoryInventory(
-            sizes_by_module=transformer_param_sizes(arch, twin_embedder=config.twin_embedder),
-            block_prefix="transformer_blocks.",
-            width=int(arch["attention_head_dim"]) * int(arch["num_attention_heads"]),
-            patch_size=int(arch["patch_size"]),
-            architecture_source=source,
-            activations=ACTIVATIONS,
-        )
-
-    def encoder_params(self) -> dict[str, int]:
-        from .memory import encoder_params
-
-        return encoder_params()
-
-    def latent_factor(self) -> int:
-        return 8
-
     def max_text_tokens(self, fingerprint: Optional[Mapping[str, Any]]) -> int:
         """77 CLIP tokens plus T5's ``max_sequence_length`` (every prompt is padded to that)."""
         from .encoders import DEFAULT_SEQUENCE_LENGTH

@@ -1,7 +1,8 @@
 """Z-Image behind the backbone seam (:class:`twinflow.backbones.registry.BackboneSpec`).
 
 Imported whenever a config is loaded, so only the light modules (config, condition) are imported at the
-top; each method imports what it needs.
+top; each method imports what it needs. What the diffusers families share is in
+:class:`~twinflow.backbones.diffusers_family.DiffusersFamilySpec`; here is what is Z-Image's.
 """
 from __future__ import annotations
 
@@ -9,15 +10,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
-from twinflow.backbones.registry import (
-    BackboneSpec,
-    CacheSchema,
-    DataShapes,
-    MemoryInventory,
-    register_backbone,
-)
+from twinflow.backbones.diffusers_family import DiffusersFamilySpec
+from twinflow.backbones.registry import CacheSchema, MemoryInventory, register_backbone
 from twinflow.kernels.dual_time_rule import Z_IMAGE, CombineRule
-from twinflow.utils.typed_config import ConfigError
 
 from .condition import ZImageCondition
 from .config import FAMILY, ZImageBackboneConfig, check_kernels
@@ -44,12 +39,6 @@ class ZImageCacheSchema(CacheSchema):
         return False
 
 
-def _encoders() -> Any:
-    from . import encoders
-
-    return encoders
-
-
 LATENT_FACTOR = 8
 """Pixels per latent side: the Flux VAE's 8x compression."""
 
@@ -59,15 +48,14 @@ def _dtype_name(dtype: Any) -> str:
 
 
 @register_backbone(FAMILY)
-class ZImageSpec(BackboneSpec):
+class ZImageSpec(DiffusersFamilySpec):
     config_type = ZImageBackboneConfig
     condition_type = ZImageCondition
     cache_schema = ZImageCacheSchema()
     transformer_class_names = ("ZImageTransformer2DModel", "TwinFlowZImageTransformer")
-
-    @property
-    def encoder_config_type(self) -> type:  # type: ignore[override]
-        return _encoders().EncoderConfig  # imports transformers/diffusers: only on use
+    conditioner_name = "ZImageConditioner"
+    patch_setting = "all_patch_size"
+    text_width_setting = "cap_feat_dim"
 
     # ------------------------------------------------------------------------------------- build
     def builder(self) -> Callable[[ZImageBackboneConfig, Any], Any]:
@@ -75,64 +63,23 @@ class ZImageSpec(BackboneSpec):
 
         return build.build_z_image_backbone
 
-    def load_for_sampling(self, folder: str, dtype: str, device: Any) -> Any:
-        return self.builder()(ZImageBackboneConfig(pretrained=folder, dtype=dtype), device)
-
     def dual_time_rule(self, config: ZImageBackboneConfig) -> Optional[CombineRule]:
         """``E1(|t| s) + E2((tt - t) s) |t - tt|`` on Z-Image's clock (the adapter maps TwinFlow's times):
         the kernel's ``Z_IMAGE``."""
         return Z_IMAGE
 
-    def tiny_config(self) -> dict[str, Any]:
-        from .tiny import tiny_transformer_config
-
-        return {"family": FAMILY, "transformer": tiny_transformer_config(), "dtype": "float32"}
-
     # ------------------------------------------------------------------------------ conditioning
-    def conditioner_from_config(self, encoder: Any, device: Any, given: Any = None) -> Any:
-        return _encoders().ZImageConditioner.from_config(encoder, device=device) if given is None else given
-
     def conditioner_from_pretrained(self, folder: str, *, dtype: Any, device: Any) -> Any:
         name = _dtype_name(dtype)
-        return _encoders().ZImageConditioner.from_pretrained(folder, device=device, text_encoder_dtype=name, vae_dtype=name)
-
-    def conditioner_from_fingerprint(self, fingerprint: Mapping[str, Any]) -> Any:
-        keys = ("max_sequence_length", "negative_prompt", "text_encoder_dtype", "vae_dtype")
-        return _encoders().ZImageConditioner.from_pretrained(fingerprint["model_path"], **{k: fingerprint[k] for k in keys})
-
-    def encoder_fingerprint(self, encoder: Any) -> dict[str, Any]:
-        from pathlib import Path
-
-        keys = ("max_sequence_length", "negative_prompt", "text_encoder_dtype", "vae_dtype")
-        return {"model_path": str(Path(encoder.model_path).resolve()), **{k: getattr(encoder, k) for k in keys}}
-
-    def encoder_takes_reference(self, encoder: Any) -> bool:
-        return False
+        return self.conditioner_class().from_pretrained(folder, device=device, text_encoder_dtype=name, vae_dtype=name)
 
     # ----------------------------------------------------------------------------------- checks
     def check_model_files(self, config: ZImageBackboneConfig) -> None:
         check_kernels(config.kernels)
-        try:
-            config.transformer_settings()
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("config key '", "config key 'model.", 1)) from e
+        super().check_model_files(config)
 
-    def check_data_shapes(self, config: ZImageBackboneConfig, shapes: DataShapes, *, read_files: bool) -> None:
-        if config.transformer is None and not read_files:
-            return
-        model = config.transformer_settings()
-        where = "model.transformer" if config.transformer is not None else f"model.pretrained ({config.pretrained})"
-        if shapes.latent_channels != int(model["in_channels"]):
-            raise ConfigError(f"config key '{shapes.channels_key}' gives {shapes.latent_channels} latent channels but "
-                              f"{where} takes {model['in_channels']} (in_channels)")
-        patch = int(model["all_patch_size"][0])
-        if shapes.height % patch or shapes.width % patch:
-            raise ConfigError(f"config key '{shapes.size_key}': latents of {shapes.height}x{shapes.width} do not split "
-                              f"into {patch}x{patch} patches ({where}.all_patch_size)")
-        text_dim = int(shapes.layout["embed_dim"])
-        if text_dim != int(model["cap_feat_dim"]):
-            raise ConfigError(f"config key '{shapes.layout_key}' gives text embeddings of width {text_dim} but {where} "
-                              f"takes {model['cap_feat_dim']} (cap_feat_dim)")
+    def patch_of(self, model: Mapping[str, Any]) -> int:
+        return int(model["all_patch_size"][0])
 
     # -------------------------------------------------------------------------------------- LoRA
     def lora_targets(self, config: ZImageBackboneConfig) -> list[str]:
@@ -143,14 +90,8 @@ class ZImageSpec(BackboneSpec):
     # ------------------------------------------------------------------------ memory and export
     # The bodies live in .memory and .export (heavy imports); the seam's signatures are kept here.
     def memory_inventory(self, config: ZImageBackboneConfig) -> MemoryInventory:
-        from . import memory
-
-        return memory.memory_inventory(config)
-
-    def encoder_params(self) -> dict[str, int]:
-        from . import memory
-
-        return memory.encoder_params()
+        """Not an MMDiT: ``layers.`` blocks plus refiners (see :func:`.memory.memory_inventory`)."""
+        return self.family_module("memory").memory_inventory(config)
 
     def latent_factor(self) -> int:
         return LATENT_FACTOR
@@ -164,9 +105,3 @@ class ZImageSpec(BackboneSpec):
         from . import export
 
         return export.export_keys(transformer_config, config)
-
-    def write_export(self, state: dict[str, Any], transformer_config: Mapping[str, Any], config: Any, folder: Any,
-                     *, weights: str, merge_lora: bool) -> None:
-        from . import export
-
-        export.write_transformer(state, transformer_config, config, folder, weights=weights, merge_lora=merge_lora)
