@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import torch
 
+from twinflow.backbones.diffusers_family import place_and_adapt
 from twinflow.utils.typed_config import ConfigError
 
 from .attention import configure_attention, resolve_attention_backend
 from .backbone import QwenImageBackbone
 from .config import QwenImageBackboneConfig, resolve_pretrained_dir
 from .lora import add_lora
-from twinflow.utils.partitioned import is_partitioned, zero_init_active
+from twinflow.utils.partitioned import zero_init_active
 from .pretrained_loading import load_checkpoint_into
 from .transformer import TwinFlowQwenImageTransformer
 
@@ -49,11 +50,7 @@ def build_qwen_image_backbone(config: QwenImageBackboneConfig, device: torch.dev
             transformer = TwinFlowQwenImageTransformer(**config.transformer, **extra)
         except TypeError as e:
             raise ConfigError(f"config key 'transformer': {e}") from e
-    if not any(is_partitioned(p) for p in transformer.parameters()):
-        # nn.Module.to: diffusers' override warns about an empty keep-in-fp32 list on every dtype cast.
-        torch.nn.Module.to(transformer, device=device, dtype=dtype)
-    if config.lora.enabled:
-        add_lora(transformer, config.lora)
+    place_and_adapt(transformer, config, device, add_lora)
     configure_attention(transformer, resolve_attention_backend(config.attention_backend, device, dtype))
     backbone = QwenImageBackbone(transformer, dtype=dtype, edit=config.edit)
     backbone.set_gradient_checkpointing(config.gradient_checkpointing)

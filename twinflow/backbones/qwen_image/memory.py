@@ -7,13 +7,12 @@ measured on diffusers 0.42's ``QwenImageTransformerBlock`` (``benchmarks/block_s
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Mapping
 
 import torch
 
+from twinflow.backbones.diffusers_family import transformer_architecture as architecture_of
 from twinflow.backbones.registry import ActivationProfile, param_sizes_by_module
-from twinflow.utils.typed_config import ConfigError
 
 from .config import TRANSFORMER_DEFAULTS, QwenImageBackboneConfig, resolve_pretrained_dir
 
@@ -101,14 +100,6 @@ def encoder_params() -> dict[str, int]:
 
 
 def transformer_architecture(model: QwenImageBackboneConfig) -> tuple[dict[str, Any], str]:
-    """The transformer architecture of the run and where it came from (no weights are read)."""
-    if model.transformer is not None:
-        return dict(model.transformer), "inline model.transformer config"
-    try:
-        folder = resolve_pretrained_dir(model.pretrained)
-    except ConfigError:
-        return dict(QWEN_IMAGE_TRANSFORMER), (
-            f"published Qwen-Image config (model.pretrained {model.pretrained} is not on this machine)"
-        )
-    raw = json.loads((folder / "config.json").read_text())
-    return {k: v for k, v in raw.items() if k in ARCHITECTURE_KEYS}, f"{folder / 'config.json'}"
+    """The transformer architecture of the run and where it came from (no weights are read); the
+    inline config is taken as it is (the transformer's defaults are the published config)."""
+    return architecture_of(model, resolve_pretrained_dir, QWEN_IMAGE_TRANSFORMER, "Qwen-Image", ARCHITECTURE_KEYS)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from twinflow.utils.partitioned import is_partitioned, zero_init_active
+from twinflow.backbones.diffusers_family import place_and_adapt
+from twinflow.utils.partitioned import zero_init_active
 from twinflow.utils.typed_config import ConfigError
 
 from ..qwen_image.lora import add_lora
@@ -37,10 +38,7 @@ def build_sd35_backbone(config: SD35BackboneConfig, device: torch.device | str) 
             transformer = TwinFlowSD3Transformer(**config.transformer, **extra)
         except TypeError as e:
             raise ConfigError(f"config key 'model.transformer': {e}") from e
-    if not any(is_partitioned(p) for p in transformer.parameters()):
-        torch.nn.Module.to(transformer, device=device, dtype=dtype)
-    if config.lora.enabled:
-        add_lora(transformer, config.lora)
+    place_and_adapt(transformer, config, device, add_lora)
     backbone = SD3Backbone(transformer, dtype=dtype)
     backbone.set_gradient_checkpointing(config.gradient_checkpointing)
     return backbone

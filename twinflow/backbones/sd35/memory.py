@@ -6,24 +6,19 @@ from their published architecture configs.
 """
 from __future__ import annotations
 
-import json
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from twinflow.backbones.registry import ActivationProfile, param_sizes_by_module
-from twinflow.utils.typed_config import ConfigError
+from twinflow.backbones.diffusers_family import transformer_architecture as architecture_of
+from twinflow.backbones.registry import param_sizes_by_module
 
+from ..qwen_image.memory import ACTIVATIONS as QWEN_IMAGE_ACTIVATIONS
 from .config import TRANSFORMER_DEFAULTS, SD35BackboneConfig, resolve_pretrained_dir
 
-ACTIVATIONS = ActivationProfile(
-    saved_bytes_per_width=84.125,
-    saved_bytes_constant=8,
-    backward_transient_widths=10,
-    no_grad_block_widths=12,
-    non_block_widths=4,
-    measured_on="diffusers' JointTransformerBlock with dual attention and RMS q/k norm",
-)
+ACTIVATIONS = replace(QWEN_IMAGE_ACTIVATIONS, saved_bytes_per_width=84.125,
+                      measured_on="diffusers' JointTransformerBlock with dual attention and RMS q/k norm")
 """Saved bytes per token and row ``84.125 * D + 8``, measured in bf16 on CPU as
 ``benchmarks/block_saved_bytes.py`` measures Qwen-Image's block (saved-tensor hooks, rows 3 minus 2),
 at widths 256 and 512 with 256 image and 24 text tokens. That is a dual-attention (MMDiT-X) block,
@@ -68,14 +63,6 @@ def encoder_params() -> dict[str, int]:
 
 
 def transformer_architecture(model: SD35BackboneConfig) -> tuple[dict[str, Any], str]:
-    """The transformer architecture of the run and where it came from (no weights are read)."""
-    if model.transformer is not None:
-        return {**TRANSFORMER_DEFAULTS, **model.transformer}, "inline model.transformer config"
-    try:
-        folder = resolve_pretrained_dir(model.pretrained)
-    except ConfigError:
-        return dict(TRANSFORMER_DEFAULTS), (
-            f"published SD3.5-Medium config (model.pretrained {model.pretrained} is not on this machine)"
-        )
-    raw = json.loads((folder / "config.json").read_text())
-    return {**TRANSFORMER_DEFAULTS, **{k: v for k, v in raw.items() if k in TRANSFORMER_DEFAULTS}}, str(folder / "config.json")
+    """The transformer architecture of the run (over the defaults) and where it came from (no weights are read)."""
+    return architecture_of(model, resolve_pretrained_dir, TRANSFORMER_DEFAULTS, "SD3.5-Medium", TRANSFORMER_DEFAULTS,
+                           defaults=TRANSFORMER_DEFAULTS)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from twinflow.utils.partitioned import is_partitioned, zero_init_active
+from twinflow.backbones.diffusers_family import place_and_adapt
+from twinflow.utils.partitioned import zero_init_active
 from twinflow.utils.typed_config import ConfigError
 
 from ..qwen_image.config import resolve_pretrained_dir
@@ -40,9 +41,6 @@ def build_z_image_backbone(config: ZImageBackboneConfig, device: torch.device | 
             transformer = TwinFlowZImageTransformer(**config.transformer)
         except TypeError as e:
             raise ConfigError(f"config key 'model.transformer': {e}") from e
-    if not any(is_partitioned(p) for p in transformer.parameters()):  # else ZeRO-3 placed them
-        torch.nn.Module.to(transformer, device=device, dtype=dtype)
-    if config.lora.enabled:
-        add_lora(transformer, config.lora)
+    place_and_adapt(transformer, config, device, add_lora)
     (backbone := ZImageBackbone(transformer, dtype=dtype)).set_gradient_checkpointing(config.gradient_checkpointing)
     return backbone

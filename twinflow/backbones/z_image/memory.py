@@ -8,13 +8,12 @@ architecture configs.
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Mapping
 
 import torch
 
+from twinflow.backbones.diffusers_family import transformer_architecture as architecture_of
 from twinflow.backbones.registry import ActivationProfile, MemoryInventory, param_sizes_by_module
-from twinflow.utils.typed_config import ConfigError
 
 from .config import TRANSFORMER_DEFAULTS, ZImageBackboneConfig, resolve_pretrained_dir
 
@@ -83,17 +82,9 @@ def encoder_params() -> dict[str, int]:
 
 
 def transformer_architecture(model: ZImageBackboneConfig) -> tuple[dict[str, Any], str]:
-    """The transformer architecture of the run and where it came from (no weights are read)."""
-    if model.transformer is not None:
-        return {**TRANSFORMER_DEFAULTS, **model.transformer}, "inline model.transformer config"
-    try:
-        folder = resolve_pretrained_dir(model.pretrained)
-    except ConfigError:
-        return dict(TRANSFORMER_DEFAULTS), (
-            f"published Z-Image-Turbo config (model.pretrained {model.pretrained} is not on this machine)"
-        )
-    raw = json.loads((folder / "config.json").read_text())
-    return {**TRANSFORMER_DEFAULTS, **{k: v for k, v in raw.items() if k in ARCHITECTURE_KEYS}}, str(folder / "config.json")
+    """The transformer architecture of the run (over the defaults) and where it came from (no weights are read)."""
+    return architecture_of(model, resolve_pretrained_dir, TRANSFORMER_DEFAULTS, "Z-Image-Turbo", ARCHITECTURE_KEYS,
+                           defaults=TRANSFORMER_DEFAULTS)
 
 
 def memory_inventory(model: ZImageBackboneConfig) -> MemoryInventory:
