@@ -94,7 +94,24 @@ class LoraSettings:
 
 
 @dataclass
-class QwenImageBackboneConfig:
+class ModelSource:
+    """The ``model`` section's first keys, which every diffusers family has: ``family``, where the
+    transformer comes from (exactly one of ``pretrained`` and ``transformer``; see
+    :func:`check_model_source`) and the compute ``dtype``. A family's section subclasses it, setting
+    ``family``'s default (the field keeps its place) and adding its own keys after these."""
+
+    family: str = ""
+    pretrained: str | None = None
+    transformer: dict[str, Any] | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+@dataclass
+class QwenImageBackboneConfig(ModelSource):
     """Where the transformer comes from and how it runs.
 
     Exactly one of ``pretrained`` (a local diffusers folder: a pipeline root with ``transformer/`` or a
@@ -103,9 +120,6 @@ class QwenImageBackboneConfig:
     """
 
     family: str = FAMILY
-    pretrained: str | None = None
-    transformer: dict[str, Any] | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     twin_embedder: bool = True
     kernels: Literal["eager", "triton"] = "eager"
     attention_backend: str = "auto"
@@ -164,10 +178,6 @@ class QwenImageBackboneConfig:
     def latent_channels_of(settings: dict[str, Any]) -> int:
         """Latent channels C the transformer takes: ``in_channels = C * patch_size**2`` (2x2 packing)."""
         return int(settings["in_channels"]) // int(settings["patch_size"]) ** 2
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
 
 
 def transformer_settings(defaults: dict[str, Any], inline: dict[str, Any] | None, pretrained: str | None) -> dict[str, Any]:

@@ -17,11 +17,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
-
 from twinflow.utils.typed_config import ConfigError
 
-from ..qwen_image.config import DTYPES, LoraSettings, resolve_pretrained_dir, transformer_settings
+from ..qwen_image.config import (  # noqa: F401  (resolve_pretrained_dir: this family's builder and memory use it)
+    LoraSettings,
+    ModelSource,
+    check_model_source,
+    resolve_pretrained_dir,
+    transformer_settings,
+)
 from .lora import LORA_TARGET_MODULES
 
 FAMILY = "sd35"
@@ -54,14 +58,11 @@ class SD35LoraSettings(LoraSettings):
 
 
 @dataclass
-class SD35BackboneConfig:
+class SD35BackboneConfig(ModelSource):
     """Where the SD3.5 transformer comes from and how it runs: exactly one of ``pretrained`` (a local
     diffusers folder, pipeline root or ``transformer/``) and ``transformer`` (inline config)."""
 
     family: str = FAMILY
-    pretrained: str | None = None
-    transformer: dict[str, Any] | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     twin_embedder: bool = True
     kernels: Literal["eager", "triton"] = "eager"
     gradient_checkpointing: bool = False
@@ -77,10 +78,7 @@ class SD35BackboneConfig:
         super().__setattr__(name, value)
 
     def __post_init__(self) -> None:
-        if self.family != FAMILY:
-            raise ConfigError(f"config key 'family' is {self.family!r}, but this is the {FAMILY!r} section")
-        if (self.pretrained is None) == (self.transformer is None):
-            raise ConfigError("exactly one of config keys 'pretrained' and 'transformer' must be set")
+        check_model_source(self, FAMILY)
         if self.edit:
             raise ConfigError("config key 'edit': SD3.5 has no edit variant")
         if self.transformer is not None:
@@ -97,8 +95,4 @@ class SD35BackboneConfig:
     def transformer_settings(self) -> dict[str, Any]:
         """The inline ``transformer`` over the defaults, or the pretrained folder's ``config.json``."""
         return transformer_settings(TRANSFORMER_DEFAULTS, self.transformer, self.pretrained)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
 

@@ -14,11 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from twinflow.utils.typed_config import ConfigError
 
-from ..qwen_image.config import DTYPES, check_model_source, resolve_pretrained_dir
+from ..qwen_image.config import ModelSource, check_model_source, transformer_settings
 from ..qwen_image.config import LoraSettings as QwenLoraSettings
 from .lora import LORA_TARGET_MODULES
 
@@ -61,15 +59,12 @@ class LoraSettings(QwenLoraSettings):
 
 
 @dataclass
-class ZImageBackboneConfig:
+class ZImageBackboneConfig(ModelSource):
     """Where the transformer comes from and how it runs: exactly one of ``pretrained`` (a local diffusers
     folder, a pipeline root with ``transformer/`` or a transformer folder, plain Z-Image or TwinFlow
     layout; loaded offline) and ``transformer`` (an inline config, randomly initialised)."""
 
     family: str = FAMILY
-    pretrained: str | None = None
-    transformer: dict[str, Any] | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     kernels: Literal["eager", "triton"] = "eager"
     gradient_checkpointing: bool = False
     edit: bool = False
@@ -88,22 +83,9 @@ class ZImageBackboneConfig:
 
     def transformer_settings(self) -> dict[str, Any]:
         """The inline ``transformer`` over the defaults, or the pretrained folder's ``config.json``
-        (:class:`ConfigError` naming the file when it is unusable; ``resolve_pretrained_dir`` is Qwen-Image's:
-        the same diffusers layouts)."""
-        if self.transformer is not None:
-            return {**TRANSFORMER_DEFAULTS, **self.transformer}
-        import json
-
-        file = resolve_pretrained_dir(self.pretrained) / "config.json"
-        try:
-            saved = {k: v for k, v in json.loads(file.read_text()).items() if k in TRANSFORMER_DEFAULTS}
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"config key 'pretrained': cannot read {file}: {e}") from e
-        return {**TRANSFORMER_DEFAULTS, **saved}
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        (:class:`ConfigError` naming the file when it is unusable; read as Qwen-Image's: the same diffusers
+        layouts)."""
+        return transformer_settings(TRANSFORMER_DEFAULTS, self.transformer, self.pretrained)
 
 
 def check_kernels(kernels: str) -> None:

@@ -15,7 +15,8 @@ import torch
 from twinflow.backbones.diffusers_family import transformer_architecture as architecture_of
 from twinflow.backbones.registry import ActivationProfile, MemoryInventory, param_sizes_by_module
 
-from .config import TRANSFORMER_DEFAULTS, ZImageBackboneConfig, resolve_pretrained_dir
+from ..qwen_image.config import resolve_pretrained_dir
+from .config import TRANSFORMER_DEFAULTS, ZImageBackboneConfig
 
 MEASURED = {"saved_bytes_per_width": 89.5, "saved_bytes_constant": 528}
 ESTIMATED = {"backward_transient_widths": 16, "no_grad_block_widths": 12, "non_block_widths": 94}
