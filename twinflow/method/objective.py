@@ -53,6 +53,18 @@ def one_step_sample(model: Backbone, noise: torch.Tensor, cond: Any) -> torch.Te
     return invert(noise, t, F)[0].detach()
 
 
+def _on_any_rank(flag: bool, device: torch.device) -> bool:
+    """``flag`` or-ed over the ranks of the default process group (one tiny all-reduce), for the passes
+    whose rows depend on the data: ranks must run the same forwards when the model is ZeRO-3 partitioned."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
 @dataclass
 class StepOutput:
     """The loss to back-propagate, its parts, and what the step did (for logging and tests)."""
@@ -174,7 +186,13 @@ class TwinFlowObjective:
         v_u = torch.zeros_like(target)
         idx = rows.nonzero().squeeze(1)
         n = idx.numel()
+        if not _on_any_rank(n > 0, x_t.device):
+            return v_c, v_u
         if n == 0:
+            # Another rank has guided rows. Under ZeRO-3 every forward gathers the teacher's parameters
+            # collectively, so this rank runs the same forward (on row 0) and discards it; skipping it left
+            # the other rank waiting in its gather (a 2-rank SD3.5 LoRA run hung in step 4 that way).
+            _ = teacher_model(x_t[:1].to(dtype), t[:1], t[:1], index_condition(cond, slice(0, 1)))
             return v_c, v_u
         xs = x_t[idx].to(dtype)
         ts = t[idx]
