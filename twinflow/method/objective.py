@@ -12,7 +12,9 @@ runs, in this order and with these costs (batch B, all groups on, N = 2):
 
 Which passes run is decided once from the config (:class:`~twinflow.method.step_plan.StepPlan`).
 Rows that a pass would discard are never computed (adv rows skip RCGM, unguided rows skip guidance);
-the values of the rows that are used are exactly those of the specification.
+the values of the rows that are used are exactly those of the specification. One exception keeps ranks
+in step: a rank without guided rows runs the guidance forward on one row when another rank has some,
+since a ZeRO-3 forward is a collective.
 """
 from __future__ import annotations
 
