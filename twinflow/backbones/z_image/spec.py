@@ -15,7 +15,7 @@ from twinflow.backbones.registry import CacheSchema, MemoryInventory, register_b
 from twinflow.kernels.dual_time_rule import Z_IMAGE, CombineRule
 
 from .condition import ZImageCondition
-from .config import FAMILY, ZImageBackboneConfig, check_kernels
+from .config import FAMILY, ZImageBackboneConfig
 
 
 class ZImageCacheSchema(CacheSchema):
@@ -74,10 +74,6 @@ class ZImageSpec(DiffusersFamilySpec):
         return self.conditioner_class().from_pretrained(folder, device=device, text_encoder_dtype=name, vae_dtype=name)
 
     # ----------------------------------------------------------------------------------- checks
-    def check_model_files(self, config: ZImageBackboneConfig) -> None:
-        check_kernels(config.kernels)
-        super().check_model_files(config)
-
     def patch_of(self, model: Mapping[str, Any]) -> int:
         return int(model["all_patch_size"][0])
 
