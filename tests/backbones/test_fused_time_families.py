@@ -91,12 +91,17 @@ def compare(eager, fused, run, params, hidden: int, width: int, batch: int, pool
         assert rel_err(got[name].grad, want[name].grad) <= tolerance(reduction), name
 
 
+def fused_copy(eager, cls, config, rule: str):
+    """A ``kernels="triton"`` model with ``eager``'s weights (and no state-dict keys of its own)."""
+    fused = cls(**config, kernels="triton").eval()
+    fused.load_state_dict(eager.state_dict())
+    assert set(fused.state_dict()) == set(eager.state_dict()) and fused.fused_time_embed.rule.name == rule
+    return fused
+
+
 def test_sd35_triton_matches_eager():
     eager = sd35_helpers.twin_model(seed=7)
-    fused = TwinFlowSD3Transformer(**sd35_helpers.CFG, kernels="triton").eval()
-    fused.load_state_dict(eager.state_dict())
-    assert set(fused.state_dict()) == set(eager.state_dict())
-    assert fused.fused_time_embed.rule.name == "sd35"
+    fused = fused_copy(eager, TwinFlowSD3Transformer, sd35_helpers.CFG, "sd35")
     t = sd35_helpers.signed_times()
     tt = t * torch.tensor([0.5, 1.0, 0.0])
     kw = sd35_helpers.inputs()
@@ -116,10 +121,7 @@ def test_sd35_triton_matches_eager():
 
 def test_z_image_triton_matches_eager():
     eager = z_image_helpers.twin_model(seed=7)
-    fused = TwinFlowZImageTransformer(**z_image_helpers.CFG, kernels="triton").eval()
-    fused.load_state_dict(eager.state_dict())
-    assert set(fused.state_dict()) == set(eager.state_dict())
-    assert fused.fused_time_embed.rule.name == "z_image"
+    fused = fused_copy(eager, TwinFlowZImageTransformer, z_image_helpers.CFG, "z_image")
     t = torch.tensor([0.3, -0.7, 0.9])
     tt = torch.tensor([0.6, -0.7, 0.1])
     frames, captions = z_image_helpers.inputs()
