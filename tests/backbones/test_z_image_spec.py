@@ -49,6 +49,17 @@ def test_fused_kernel_is_accepted_for_z_image_and_sd35():
             backbone_spec(cfg.model).check_model_files(cfg.model)
 
 
+@pytest.mark.parametrize("name", ["sd35_lora_1order", "z_image_lora"])
+def test_fused_kernel_with_lora_on_the_time_embedders_is_refused(name):
+    """The kernel reads the embedders' Linear weights: LoRA on them (SD3.5's default targets, Z-Image's
+    default ``train_time_embed_2: lora``) conflicts with kernels: triton, and is named before building."""
+    cfg = load_train_config(REPO / "configs" / f"{name}.yaml", ["kernels=triton"])
+    with pytest.raises(ConfigError, match="conflict"):
+        backbone_spec(cfg.model).check_model_files(cfg.model)
+    eager = load_train_config(REPO / "configs" / f"{name}.yaml", ["kernels=eager"]).model
+    assert eager.kernels == "eager" and eager.lora.enabled
+
+
 def published_folder(root: Path) -> Path:
     """A pipeline root as published: transformer/ with diffusers' config and t_embedder_2.* beside the
     base keys, and the (tiny) encoders."""

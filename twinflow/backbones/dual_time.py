@@ -134,3 +134,19 @@ class FusedTimeEmbedding:
 
         first, second = (getattr(self, name) for name in self.embedder_names)
         self.fused_time_embed = DualTimestepEmbedding(first, second, backend="triton", rule=self.fused_rule())
+
+
+def check_fused_lora(config: Any, targets: list[str], embedder_linears: tuple[str, ...]) -> None:
+    """``kernels: triton`` reads the embedders' Linear weights directly, so LoRA must not wrap them: a
+    ``ConfigError`` naming the keys when ``targets`` (peft suffix patterns) match one of
+    ``embedder_linears``. Checked with the other model checks, after the top-level ``kernels`` (``auto``
+    included) has set ``model.kernels``."""
+    from twinflow.utils.typed_config import ConfigError
+
+    if config.kernels != "triton" or not config.lora.enabled:
+        return
+    wrapped = [name for name in embedder_linears if any(name == t or name.endswith("." + t) for t in targets)]
+    if wrapped:
+        raise ConfigError(f"config keys 'kernels: triton' and 'model.lora' conflict: LoRA adapts {wrapped}, whose "
+                          "weights the fused time embedding reads directly; set kernels: eager, or leave the time "
+                          "embedders out of lora.target_modules (and lora.train_time_embed_2 not 'lora')")

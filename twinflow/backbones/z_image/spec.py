@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 
 from twinflow.backbones.diffusers_family import DiffusersFamilySpec
+from twinflow.backbones.dual_time import check_fused_lora
 from twinflow.backbones.registry import CacheSchema, MemoryInventory, register_backbone
 from twinflow.kernels.dual_time_rule import Z_IMAGE, CombineRule
 
@@ -74,6 +75,11 @@ class ZImageSpec(DiffusersFamilySpec):
         return self.conditioner_class().from_pretrained(folder, device=device, text_encoder_dtype=name, vae_dtype=name)
 
     # ----------------------------------------------------------------------------------- checks
+    def check_model_files(self, config: ZImageBackboneConfig) -> None:
+        linears = tuple(f"{name}.mlp.{i}" for name in ("t_embedder", "t_embedder_2") for i in (0, 2))
+        check_fused_lora(config, self.lora_targets(config), linears)
+        super().check_model_files(config)
+
     def patch_of(self, model: Mapping[str, Any]) -> int:
         return int(model["all_patch_size"][0])
 
