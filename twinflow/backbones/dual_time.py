@@ -136,15 +136,16 @@ class FusedTimeEmbedding:
         self.fused_time_embed = DualTimestepEmbedding(first, second, backend="triton", rule=self.fused_rule())
 
 
-def check_fused_lora(config: Any, targets: list[str], embedder_linears: tuple[str, ...]) -> None:
+def check_fused_lora(spec: Any, config: Any, embedder_linears: tuple[str, ...]) -> None:
     """``kernels: triton`` reads the embedders' Linear weights directly, so LoRA must not wrap them: a
-    ``ConfigError`` naming the keys when ``targets`` (peft suffix patterns) match one of
-    ``embedder_linears``. Checked with the other model checks, after the top-level ``kernels`` (``auto``
+    ``ConfigError`` naming the keys when ``spec.lora_targets(config)`` (peft suffix patterns; asked only
+    then, it imports peft) match one of ``embedder_linears``. Checked with the other model checks, after the top-level ``kernels`` (``auto``
     included) has set ``model.kernels``."""
     from twinflow.utils.typed_config import ConfigError
 
     if config.kernels != "triton" or not config.lora.enabled:
         return
+    targets = spec.lora_targets(config)
     wrapped = [name for name in embedder_linears if any(name == t or name.endswith("." + t) for t in targets)]
     if wrapped:
         raise ConfigError(f"config keys 'kernels: triton' and 'model.lora' conflict: LoRA adapts {wrapped}, whose "

@@ -87,7 +87,7 @@ class SD35Spec(DiffusersFamilySpec):
     def check_model_files(self, config: SD35BackboneConfig) -> None:
         embedders = ("time_text_embed", "time_text_embed_2")[:1 + config.twin_embedder]
         linears = tuple(f"{name}.timestep_embedder.linear_{i}" for name in embedders for i in (1, 2))
-        check_fused_lora(config, self.lora_targets(config), linears)
+        check_fused_lora(self, config, linears)
         super().check_model_files(config)
 
     def check_layout(self, shapes: DataShapes) -> None:

@@ -77,7 +77,7 @@ class ZImageSpec(DiffusersFamilySpec):
     # ----------------------------------------------------------------------------------- checks
     def check_model_files(self, config: ZImageBackboneConfig) -> None:
         linears = tuple(f"{name}.mlp.{i}" for name in ("t_embedder", "t_embedder_2") for i in (0, 2))
-        check_fused_lora(config, self.lora_targets(config), linears)
+        check_fused_lora(self, config, linears)
         super().check_model_files(config)
 
     def patch_of(self, model: Mapping[str, Any]) -> int:
