@@ -1,6 +1,6 @@
 """Z-Image behind the seam: its config, the published TwinFlow-Z-Image-Turbo layout through
 ``twinflow sample --model <folder>`` (no export record, no remapping) at 1, 2, 4 and 30 NFE, and the
-refusal of the fused kernel until it covers Z-Image's rule."""
+fused kernel accepted (``kernels: triton``) for Z-Image and SD3.5."""
 from __future__ import annotations
 
 import inspect
@@ -27,7 +27,8 @@ TINY = REPO / "configs" / "tiny_cpu_z_image.yaml"
 
 def test_transformer_defaults_are_the_constructor_signature():
     params = list(inspect.signature(TwinFlowZImageTransformer.__init__).parameters.values())[1:]
-    got = {p.name: tuple(p.default) if isinstance(p.default, list) else p.default for p in params}
+    got = {p.name: tuple(p.default) if isinstance(p.default, list) else p.default for p in params
+           if p.name != "kernels"}  # a runtime choice, not a config.json key (ignore_for_config)
     assert got == TRANSFORMER_DEFAULTS
 
 
@@ -40,11 +41,23 @@ def test_configs_load_and_the_tiny_one_is_the_tiny_model():
     assert json.loads(json.dumps(tiny)) == json.loads(json.dumps(tiny_transformer_config()))
 
 
-def test_fused_kernel_is_refused_naming_model_kernels():
-    for override in ("kernels=triton", "model.kernels=triton"):
-        with pytest.raises(ConfigError, match="model.kernels"):
-            cfg = load_train_config(TINY, [override])
+def test_fused_kernel_is_accepted_for_z_image_and_sd35():
+    for config in (TINY, REPO / "configs" / "sd35_full.yaml"):
+        cfg = load_train_config(config, ["kernels=triton"])  # the top-level key sets model.kernels
+        assert cfg.model.kernels == "triton"
+        if config == TINY:
             backbone_spec(cfg.model).check_model_files(cfg.model)
+
+
+@pytest.mark.parametrize("name", ["sd35_lora_1order", "z_image_lora"])
+def test_fused_kernel_with_lora_on_the_time_embedders_is_refused(name):
+    """The kernel reads the embedders' Linear weights: LoRA on them (SD3.5's default targets, Z-Image's
+    default ``train_time_embed_2: lora``) conflicts with kernels: triton, and is named before building."""
+    cfg = load_train_config(REPO / "configs" / f"{name}.yaml", ["kernels=triton"])
+    with pytest.raises(ConfigError, match="conflict"):
+        backbone_spec(cfg.model).check_model_files(cfg.model)
+    eager = load_train_config(REPO / "configs" / f"{name}.yaml", ["kernels=eager"]).model
+    assert eager.kernels == "eager" and eager.lora.enabled
 
 
 def published_folder(root: Path) -> Path:

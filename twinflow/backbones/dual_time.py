@@ -94,3 +94,60 @@ def load_with_twin_embedder(
         logger.info("%s has no %s: initialised it (%s)", source, name, type(model).__name__)
         info["missing_keys"] = [k for k in info["missing_keys"] if not k.startswith(prefix)]
     return (model, info) if want_info else model
+
+
+KERNEL_CHOICES = ("eager", "triton")
+
+
+class FusedTimeEmbedding:
+    """The ``kernels`` choice of a dual-time transformer whose embedders the fused kernel reads
+    (``twinflow.kernels.dual_time_embedding``): ``"eager"`` runs the model's own combine, ``"triton"``
+    the kernel under :meth:`fused_rule`. A mixin for SD3.5 and Z-Image; Qwen-Image keeps its own (its
+    choice is a config key).
+
+    Not a ``config.json`` key (``ignore_for_config``): the saved and exported configuration stays the
+    one without it, and a builder sets the choice with :meth:`use_kernels` after loading.
+    """
+
+    ignore_for_config = ["kernels"]
+    embedder_names: tuple[str, str]
+    """The attribute names of ``E1`` and ``E2``."""
+
+    def fused_rule(self) -> Any:
+        raise NotImplementedError
+
+    def use_kernels(self, kernels: str) -> None:
+        """Select ``"eager"`` or ``"triton"`` (binds the fused module over the current embedders)."""
+        if kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
+        self.kernels = kernels
+        if kernels == "triton" and getattr(self, self.embedder_names[1], None) is not None:
+            self.bind_fused_time_embedding()
+        elif getattr(self, "fused_time_embed", None) is not None:
+            del self.fused_time_embed
+
+    def bind_fused_time_embedding(self) -> None:
+        """(Re)create the fused module over the *current* embedders, as Qwen-Image's transformer does
+        (a submodule, so ZeRO-3 gathers the weights it reads; the shared ``add_lora`` calls this again
+        after peft). The import is lazy: Triton's interpreter mode must be chosen before it."""
+        from twinflow.kernels.dual_time_embedding import DualTimestepEmbedding
+
+        first, second = (getattr(self, name) for name in self.embedder_names)
+        self.fused_time_embed = DualTimestepEmbedding(first, second, backend="triton", rule=self.fused_rule())
+
+
+def check_fused_lora(spec: Any, config: Any, embedder_linears: tuple[str, ...]) -> None:
+    """``kernels: triton`` reads the embedders' Linear weights directly, so LoRA must not wrap them: a
+    ``ConfigError`` naming the keys when ``spec.lora_targets(config)`` (peft suffix patterns; asked only
+    then, it imports peft) match one of ``embedder_linears``. Checked with the other model checks, after the top-level ``kernels`` (``auto``
+    included) has set ``model.kernels``."""
+    from twinflow.utils.typed_config import ConfigError
+
+    if config.kernels != "triton" or not config.lora.enabled:
+        return
+    targets = spec.lora_targets(config)
+    wrapped = [name for name in embedder_linears if any(name == t or name.endswith("." + t) for t in targets)]
+    if wrapped:
+        raise ConfigError(f"config keys 'kernels: triton' and 'model.lora' conflict: LoRA adapts {wrapped}, whose "
+                          "weights the fused time embedding reads directly; set kernels: eager, or leave the time "
+                          "embedders out of lora.target_modules (and lora.train_time_embed_2 not 'lora')")

@@ -19,8 +19,8 @@ note:
 
 Wired through the seam by :mod:`.spec` (``model.family: sd35``): 1, the ``model`` section
 (:mod:`.config`); the builder under ``deepspeed.zero.Init`` with streamed checkpoint loading
-(:mod:`.build`); 3 as data (``dual_time_rule``; the fused kernel does not cover it yet, so
-``kernels: triton`` is refused); 6, the cache schema (``embeds``, ``pooled``, ``mask``); 7, LoRA with
+(:mod:`.build`); 3 as data (``dual_time_rule``; ``kernels: triton`` runs it in the fused
+kernel); 6, the cache schema (``embeds``, ``pooled``, ``mask``); 7, LoRA with
 the EMA adapter (Qwen-Image's injection); 8, the memory inventory (:mod:`.memory`).
 
 Only the light pieces are imported here (the spec registers the family); the other modules import

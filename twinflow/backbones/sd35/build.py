@@ -38,6 +38,7 @@ def build_sd35_backbone(config: SD35BackboneConfig, device: torch.device | str) 
             transformer = TwinFlowSD3Transformer(**config.transformer, **extra)
         except TypeError as e:
             raise ConfigError(f"config key 'model.transformer': {e}") from e
+    transformer.use_kernels(config.kernels)  # before LoRA, whose injection rebinds the fused module
     place_and_adapt(transformer, config, device, add_lora)
     backbone = SD3Backbone(transformer, dtype=dtype)
     backbone.set_gradient_checkpointing(config.gradient_checkpointing)

@@ -5,10 +5,9 @@ Keys as Qwen-Image's where they mean the same (``pretrained`` / ``transformer``,
 reference's SD3.5 target list as default. There is no ``attention_backend`` (diffusers' SD3 attention
 processor picks PyTorch's SDPA kernel) and no edit variant.
 
-``kernels: triton`` is refused: the fused dual-time embedding kernel does not cover SD3's rule (pooled
-text in both embedders, coefficient ``(t - tt)``) yet. The trainer writes the top-level ``kernels``
-into ``model.kernels``, so the refusal sits in ``__setattr__`` and also catches ``kernels: auto`` on a
-CUDA machine: SD3.5 configs say ``kernels: eager``.
+``kernels: triton`` runs the fused dual-time embedding under its ``SD35`` rule (the trainer writes the
+top-level ``kernels`` into ``model.kernels``; ``auto`` is triton on CUDA). The kernel reads plain
+Linear weights, so LoRA on the timestep MLPs (the default targets) needs ``kernels: eager``.
 
 Imports stay light (no diffusers): this module is imported whenever a config is loaded.
 """
@@ -68,14 +67,6 @@ class SD35BackboneConfig(ModelSource):
     gradient_checkpointing: bool = False
     edit: bool = False
     lora: SD35LoraSettings = field(default_factory=SD35LoraSettings)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "kernels" and value == "triton":
-            raise ConfigError(
-                "config key 'model.kernels': the fused dual-time embedding does not cover SD3.5's rule yet; "
-                "set the top-level 'kernels: eager'"
-            )
-        super().__setattr__(name, value)
 
     def __post_init__(self) -> None:
         check_model_source(self, FAMILY)

@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 
 from twinflow.backbones.diffusers_family import DiffusersFamilySpec
+from twinflow.backbones.dual_time import check_fused_lora
 from twinflow.backbones.registry import CacheSchema, DataShapes, register_backbone
 from twinflow.kernels.dual_time_rule import SD35, CombineRule
 from twinflow.utils.typed_config import ConfigError
@@ -83,6 +84,12 @@ class SD35Spec(DiffusersFamilySpec):
         return self.conditioner_class().from_pretrained(folder, device=device, text_encoder_dtype=name, vae_dtype=name)
 
     # ----------------------------------------------------------------------------------- checks
+    def check_model_files(self, config: SD35BackboneConfig) -> None:
+        embedders = ("time_text_embed", "time_text_embed_2")[:1 + config.twin_embedder]
+        linears = tuple(f"{name}.timestep_embedder.linear_{i}" for name in embedders for i in (1, 2))
+        check_fused_lora(self, config, linears)
+        super().check_model_files(config)
+
     def check_layout(self, shapes: DataShapes) -> None:
         if "pooled_dim" not in shapes.layout:
             raise ConfigError(f"config key '{shapes.layout_key}': SD3.5 needs pooled text embeddings, which only a "

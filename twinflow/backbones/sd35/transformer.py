@@ -27,7 +27,10 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.embeddings import CombinedTimestepTextProjEmbeddings
 from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 
-from ..dual_time import check_target_timestep, load_with_twin_embedder, normal_init_linears_, parent_arguments
+from twinflow.kernels.dual_time_rule import SD35, CombineRule
+
+from ..dual_time import (FusedTimeEmbedding, check_target_timestep, load_with_twin_embedder, normal_init_linears_,
+                         parent_arguments)
 
 TIME_SCALE = 1000.0
 """SD3 takes ``1000 sigma``; the backbone adapter scales TwinFlow's times by this."""
@@ -54,13 +57,17 @@ class DualTimeAwareTextProjEmbeddings(CombinedTimestepTextProjEmbeddings):
         return super().forward(timestep, pooled_projection)
 
 
-class TwinFlowSD3Transformer(SD3Transformer2DModel):
+class TwinFlowSD3Transformer(FusedTimeEmbedding, SD3Transformer2DModel):
     """``SD3Transformer2DModel`` plus ``time_text_embed_2`` and a ``target_timestep`` input.
 
     ``E2`` is initialised with normal(0, 0.02) weights and zero biases, as the reference does, not as a
     copy of ``E1`` (Qwen-Image's and Z-Image's choice); at ``t == tt`` its weights do not matter. Extra
-    config key: ``twin_embedder`` (two embedders, or one that receives ``T - TT/2``).
+    config key: ``twin_embedder`` (two embedders, or one that receives ``T - TT/2``). ``kernels``
+    (``"eager"`` | ``"triton"``, not saved: see :class:`~..dual_time.FusedTimeEmbedding`): the fused
+    kernel under its ``SD35`` rule; single-embedder mode has nothing to fuse and stays eager.
     """
+
+    embedder_names = ("time_text_embed", "time_text_embed_2")
 
     @register_to_config
     def __init__(
@@ -79,6 +86,7 @@ class TwinFlowSD3Transformer(SD3Transformer2DModel):
         dual_attention_layers: tuple[int, ...] = (),
         qk_norm: str | None = None,
         twin_embedder: bool = True,
+        kernels: str = "eager",
     ):
         super().__init__(**parent_arguments(SD3Transformer2DModel, locals()))
         dims = {"embedding_dim": self.inner_dim, "pooled_projection_dim": pooled_projection_dim}
@@ -86,6 +94,10 @@ class TwinFlowSD3Transformer(SD3Transformer2DModel):
         if twin_embedder:
             self.time_text_embed_2 = CombinedTimestepTextProjEmbeddings(**dims)
             normal_init_linears_(self.time_text_embed_2, E2_INIT_STD)
+        self.use_kernels(kernels)
+
+    def fused_rule(self) -> CombineRule:
+        return SD35
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -119,6 +131,9 @@ class TwinFlowSD3Transformer(SD3Transformer2DModel):
         tt = times.target_timestep.to(device=t.device, dtype=t.dtype)
         if not self.config.twin_embedder:
             return plain(primary, t - tt / 2, pooled)
+        if self.kernels == "triton":
+            extra = (primary.text_embedder(pooled), self.time_text_embed_2.text_embedder(pooled))
+            return self.fused_time_embed(t, tt, pooled.dtype, extra=extra)
         e1 = plain(primary, t, pooled)
         e2 = self.time_text_embed_2(tt, pooled)
         coef = (t.float() - tt.float()) / TIME_SCALE

@@ -20,8 +20,8 @@ note:
 
 Wired through the seam in :mod:`.spec` (``model.family: z_image``): the config (:mod:`.config`), the
 builder under ``deepspeed.zero.Init`` (:mod:`.build`), the cache schema, the export (:mod:`.export`) and
-the memory inventory (:mod:`.memory`). The combine rule is declared as data (``dual_time_rule``) but runs
-eager: ``kernels: triton`` is refused until the fused kernel covers it. There is no single-embedder mode:
+the memory inventory (:mod:`.memory`). The combine rule is declared as data (``dual_time_rule``) and runs
+eager or, with ``kernels: triton``, in the fused kernel. There is no single-embedder mode:
 the reference's Z-Image always has two.
 
 Only the light pieces are re-exported here; the other modules import diffusers/transformers.

@@ -17,7 +17,7 @@ from twinflow.utils.typed_config import ConfigError
 from ..qwen_image.config import resolve_pretrained_dir
 from ..qwen_image.pretrained_loading import load_checkpoint_into
 from .backbone import ZImageBackbone
-from .config import ZImageBackboneConfig, check_kernels
+from .config import ZImageBackboneConfig
 from .lora import add_lora
 from .transformer import TWIN_PREFIX, TwinFlowZImageTransformer
 
@@ -26,7 +26,6 @@ PRIMARY_PREFIX = "t_embedder."
 
 def build_z_image_backbone(config: ZImageBackboneConfig, device: torch.device | str) -> ZImageBackbone:
     """The :class:`~.backbone.ZImageBackbone` described by ``config``, on ``device`` (offline)."""
-    check_kernels(config.kernels)  # the top-level 'kernels' key may have set it after the section was read
     dtype = config.torch_dtype
     if config.pretrained is not None:
         folder = resolve_pretrained_dir(config.pretrained)
@@ -41,6 +40,7 @@ def build_z_image_backbone(config: ZImageBackboneConfig, device: torch.device | 
             transformer = TwinFlowZImageTransformer(**config.transformer)
         except TypeError as e:
             raise ConfigError(f"config key 'model.transformer': {e}") from e
+    transformer.use_kernels(config.kernels)  # before LoRA, whose injection rebinds the fused module
     place_and_adapt(transformer, config, device, add_lora)
     (backbone := ZImageBackbone(transformer, dtype=dtype)).set_gradient_checkpointing(config.gradient_checkpointing)
     return backbone

@@ -5,8 +5,9 @@ Light on purpose (no diffusers, no peft): it is imported whenever a config is lo
 
 Differences from Qwen-Image's section: there is no ``twin_embedder`` switch (the reference's Z-Image
 always has ``t_embedder_2``), no ``edit`` model (``edit`` exists for the trainer and must stay false),
-no ``attention_backend`` (diffusers' Z-Image attention dispatches on its own), and ``kernels`` must be
-``eager`` until the fused dual-time kernel covers Z-Image's combine rule.
+and no ``attention_backend`` (diffusers' Z-Image attention dispatches on its own). ``kernels: triton``
+runs the fused dual-time embedding under its ``Z_IMAGE`` rule; it reads plain Linear weights, so LoRA on
+``t_embedder_2`` (``lora.train_time_embed_2: lora``, the default) needs ``kernels: eager``.
 """
 from __future__ import annotations
 
@@ -79,7 +80,6 @@ class ZImageBackboneConfig(ModelSource):
             if unknown:
                 raise ConfigError(f"unknown config keys 'transformer.{unknown[0]}' (of {unknown}); valid keys: "
                                   f"{sorted(TRANSFORMER_DEFAULTS)}")
-        check_kernels(self.kernels)
 
     def transformer_settings(self) -> dict[str, Any]:
         """The inline ``transformer`` over the defaults, or the pretrained folder's ``config.json``
@@ -87,11 +87,3 @@ class ZImageBackboneConfig(ModelSource):
         layouts)."""
         return transformer_settings(TRANSFORMER_DEFAULTS, self.transformer, self.pretrained)
 
-
-def check_kernels(kernels: str) -> None:
-    """Z-Image's combine rule (``E2(tt - t) |t - tt|``) is not in the fused kernel yet: eager only."""
-    if kernels == "triton":
-        raise ConfigError(
-            "config key 'model.kernels': the fused dual-time embedding kernel does not cover Z-Image's rule yet; "
-            "set kernels: eager (the top-level 'kernels' key, whose 'auto' picks triton on CUDA, sets it too)"
-        )

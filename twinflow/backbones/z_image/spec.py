@@ -11,11 +11,12 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 
 from twinflow.backbones.diffusers_family import DiffusersFamilySpec
+from twinflow.backbones.dual_time import check_fused_lora
 from twinflow.backbones.registry import CacheSchema, MemoryInventory, register_backbone
 from twinflow.kernels.dual_time_rule import Z_IMAGE, CombineRule
 
 from .condition import ZImageCondition
-from .config import FAMILY, ZImageBackboneConfig, check_kernels
+from .config import FAMILY, ZImageBackboneConfig
 
 
 class ZImageCacheSchema(CacheSchema):
@@ -75,7 +76,8 @@ class ZImageSpec(DiffusersFamilySpec):
 
     # ----------------------------------------------------------------------------------- checks
     def check_model_files(self, config: ZImageBackboneConfig) -> None:
-        check_kernels(config.kernels)
+        linears = tuple(f"{name}.mlp.{i}" for name in ("t_embedder", "t_embedder_2") for i in (0, 2))
+        check_fused_lora(self, config, linears)
         super().check_model_files(config)
 
     def patch_of(self, model: Mapping[str, Any]) -> int:

@@ -27,7 +27,10 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.transformers.transformer_z_image import TimestepEmbedder, ZImageTransformer2DModel
 
-from ..dual_time import check_target_timestep, copy_module_, load_with_twin_embedder, parent_arguments
+from twinflow.kernels.dual_time_rule import Z_IMAGE, CombineRule
+
+from ..dual_time import (FusedTimeEmbedding, check_target_timestep, copy_module_, load_with_twin_embedder,
+                         parent_arguments)
 
 TWIN_PREFIX = "t_embedder_2."
 
@@ -54,13 +57,16 @@ class DualTimeAwareTimestepEmbedder(TimestepEmbedder):
         return super().forward(t)
 
 
-class TwinFlowZImageTransformer(ZImageTransformer2DModel):
+class TwinFlowZImageTransformer(FusedTimeEmbedding, ZImageTransformer2DModel):
     """``ZImageTransformer2DModel`` plus ``t_embedder_2`` and a ``target_timestep`` input.
 
     The configuration is the parent's: a checkpoint saved by the reference's wrapper or by this class
     loads into either, and ``t_embedder_2.*`` sit beside the base model's keys (see
-    :meth:`from_pretrained`).
+    :meth:`from_pretrained`). ``kernels`` (``"eager"`` | ``"triton"``, not saved: see
+    :class:`~..dual_time.FusedTimeEmbedding`): the fused kernel under ``Z_IMAGE`` with ``s = t_scale``.
     """
+
+    embedder_names = ("t_embedder", "t_embedder_2")
 
     @register_to_config
     def __init__(
@@ -81,6 +87,7 @@ class TwinFlowZImageTransformer(ZImageTransformer2DModel):
         t_scale=1000.0,
         axes_dims=[32, 48, 48],  # noqa: B006 (diffusers' defaults, stored in config.json)
         axes_lens=[1024, 512, 512],  # noqa: B006
+        kernels="eager",
     ) -> None:
         super().__init__(**parent_arguments(ZImageTransformer2DModel, locals()))
         first, last = self.t_embedder.mlp[0], self.t_embedder.mlp[2]
@@ -89,6 +96,10 @@ class TwinFlowZImageTransformer(ZImageTransformer2DModel):
         self.t_embedder = DualTimeAwareTimestepEmbedder(**sizes)
         self.t_embedder_2 = TimestepEmbedder(**sizes)
         copy_module_(self.t_embedder, self.t_embedder_2)
+        self.use_kernels(kernels)
+
+    def fused_rule(self) -> CombineRule:
+        return dataclasses.replace(Z_IMAGE, time_scale=float(self.t_scale))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -117,6 +128,13 @@ class TwinFlowZImageTransformer(ZImageTransformer2DModel):
         if times.scale is None:
             raise RuntimeError("the parent forward did not scale the time before embedding it")
         s = times.scale
+        if self.kernels == "triton":
+            # float32 combine (the kernel's; eager's is float64: at most one float32 rounding apart).
+            rule = self.fused_time_embed.rule
+            if s != rule.time_scale:
+                raise RuntimeError(f"the time was scaled by {s}, the fused rule by {rule.time_scale}")
+            return self.fused_time_embed(times.timestep, times.target_timestep.to(times.timestep.device),
+                                         primary.mlp[0].weight.dtype)
         t = times.timestep.to(torch.float64)
         tt = times.target_timestep.to(device=t.device, dtype=torch.float64)
         with torch.autocast(device_type=t.device.type, enabled=False):
