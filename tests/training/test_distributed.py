@@ -208,7 +208,10 @@ def test_crash_during_save_keeps_the_previous_checkpoint(chain):
 
 def test_killed_rank_leaves_the_last_checkpoint_loadable(chain):
     kill = chain["kill"]
-    assert kill["rc"] == KILL_EXIT_STATUS
+    # The launcher reports the first rank, in rank order, that it finds ended non-zero: the killed rank 1
+    # (its status) or rank 0, whose next collective fails against the dead peer (exit status 1). Which one
+    # it sees first is a race (CI once saw rank 0's).
+    assert kill["rc"] in (KILL_EXIT_STATUS, 1)
     assert kill["latest"] == "step_00000004"
     assert kill["loaded_steps"] == [4, 4]
     # The next save cleaned the interrupted one up; keep_last=2 pruned step 2 only after step 4 existed.
