@@ -58,6 +58,14 @@ def launch(args: list[str], log: Path) -> int:
         return subprocess.run(_command(args), cwd=REPO, env=ENV, stdout=f, stderr=subprocess.STDOUT, timeout=900).returncode
 
 
+def _fault_or_peer(rc: int, status: int) -> bool:
+    """The launcher's exit status after a fault injected on one rank: it reports the first rank, in rank
+    order, that it finds ended non-zero, so either the faulted rank (``status``) or a peer whose next
+    collective failed against the dead rank (exit status 1). Which one it sees first is a race; fresh-clone
+    CI runs have seen both."""
+    return rc in (status, 1)
+
+
 def _tail(log: Path) -> str:
     return log.read_text()[-4000:]
 
@@ -94,7 +102,7 @@ def chain(worker) -> dict:
     store = [CheckpointStore(run / "checkpoints", r, 2, keep_last=2) for r in range(2)]
     facts["kill"]["loaded_steps"] = [s.load(s.latest())[0]["step"] for s in store]
     rc = launch(base + ["faults.crash_in_prune_at_step=6"], out / "finish.log")
-    assert rc == SAVE_CRASH_EXIT_STATUS, _tail(out / "finish.log")
+    assert _fault_or_peer(rc, SAVE_CRASH_EXIT_STATUS), _tail(out / "finish.log")
     facts["finish"] = {"latest": _latest(run), "entries": sorted(p.name for p in (run / "checkpoints").iterdir())}
     rc = launch(base, out / "next.log")
     assert rc == 0, _tail(out / "next.log")
@@ -199,7 +207,7 @@ def test_a_trace_dropped_on_one_rank_is_dropped_on_all_and_recorded_again(worker
 
 def test_crash_during_save_keeps_the_previous_checkpoint(chain):
     crash = chain["crash"]
-    assert crash["rc"] == SAVE_CRASH_EXIT_STATUS
+    assert _fault_or_peer(crash["rc"], SAVE_CRASH_EXIT_STATUS)
     assert crash["latest"] == "step_00000002"
     assert "step_00000004" not in crash["entries"]
     # The interrupted save had written files, but no meta.json: never mistaken for a checkpoint.
@@ -208,10 +216,7 @@ def test_crash_during_save_keeps_the_previous_checkpoint(chain):
 
 def test_killed_rank_leaves_the_last_checkpoint_loadable(chain):
     kill = chain["kill"]
-    # The launcher reports the first rank, in rank order, that it finds ended non-zero: the killed rank 1
-    # (its status) or rank 0, whose next collective fails against the dead peer (exit status 1). Which one
-    # it sees first is a race (CI once saw rank 0's).
-    assert kill["rc"] in (KILL_EXIT_STATUS, 1)
+    assert _fault_or_peer(kill["rc"], KILL_EXIT_STATUS)
     assert kill["latest"] == "step_00000004"
     assert kill["loaded_steps"] == [4, 4]
     # The next save cleaned the interrupted one up; keep_last=2 pruned step 2 only after step 4 existed.
