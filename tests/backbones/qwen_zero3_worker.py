@@ -130,6 +130,9 @@ def run(rank: int, port: int, failures) -> None:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
+        from twinflow.training.distributed import release_cpu_shm_name
+
+        release_cpu_shm_name()  # DeepSpeed leaves its /dev/shm workspace otherwise
         check_full_finetune_with_triton_embedding()
         check_lora_with_ema_adapter()
     except BaseException as e:  # reported to the parent, which fails the test

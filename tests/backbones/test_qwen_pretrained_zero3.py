@@ -27,6 +27,9 @@ WORKER = textwrap.dedent(
     from safetensors.torch import load_file
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     deepspeed.init_distributed(dist_backend="gloo")
+    from twinflow.training.distributed import release_cpu_shm_name
+
+    release_cpu_shm_name()  # DeepSpeed leaves its /dev/shm workspace otherwise
     folder = sys.argv[1]
     ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
     with deepspeed.zero.Init(config_dict_or_path=ds):

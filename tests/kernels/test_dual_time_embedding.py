@@ -390,6 +390,9 @@ _ZERO3_SCRIPT = textwrap.dedent('''
     from twinflow.kernels.dual_time_embedding import DualTimestepEmbedding, dual_time_embedding_reference
 
     deepspeed.init_distributed(dist_backend="gloo")
+    from twinflow.training.distributed import release_cpu_shm_name
+
+    release_cpu_shm_name()  # DeepSpeed leaves its /dev/shm workspace otherwise
     CFG = {"train_batch_size": 1, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
            "optimizer": {"type": "Adam", "params": {"lr": 0.0, "torch_adam": True}}}
 
