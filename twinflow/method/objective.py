@@ -13,8 +13,8 @@ runs, in this order and with these costs (batch B, all groups on, N = 2):
 Which passes run is decided once from the config (:class:`~twinflow.method.step_plan.StepPlan`).
 Rows that a pass would discard are never computed (adv rows skip RCGM, unguided rows skip guidance);
 the values of the rows that are used are exactly those of the specification. One exception keeps ranks
-in step: a rank without guided rows runs the guidance forward on one row when another rank has some,
-since a ZeRO-3 forward is a collective.
+in step: with several ranks, a rank without guided rows still runs the guidance forward on one row,
+since a ZeRO-3 forward is a collective and another rank may have guided rows.
 """
 from __future__ import annotations
 
@@ -55,16 +55,11 @@ def one_step_sample(model: Backbone, noise: torch.Tensor, cond: Any) -> torch.Te
     return invert(noise, t, F)[0].detach()
 
 
-def _on_any_rank(flag: bool, device: torch.device) -> bool:
-    """``flag`` or-ed over the ranks of the default process group (one tiny all-reduce), for the passes
-    whose rows depend on the data: ranks must run the same forwards when the model is ZeRO-3 partitioned."""
+def _several_ranks() -> bool:
+    """Whether this process is one of several ranks (a local question: no collective)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 @dataclass
@@ -188,12 +183,14 @@ class TwinFlowObjective:
         v_u = torch.zeros_like(target)
         idx = rows.nonzero().squeeze(1)
         n = idx.numel()
-        if not _on_any_rank(n > 0, x_t.device):
-            return v_c, v_u
         if n == 0:
-            # Another rank has guided rows. Under ZeRO-3 every forward gathers the teacher's parameters
-            # collectively, so this rank runs the same forward (on row 0) and discards it; skipping it left
-            # the other rank waiting in its gather (a 2-rank SD3.5 LoRA run hung in step 4 that way).
+            if not _several_ranks():
+                return v_c, v_u
+            # Another rank may have guided rows. Under ZeRO-3 every forward gathers the teacher's parameters
+            # collectively, so a rank without rows runs the forward on row 0 and discards it: skipping it left
+            # the other rank waiting in its gather (a 2-rank SD3.5 LoRA run hung in step 4 that way). Always
+            # running it costs a one-row forward on the rare step without guided rows; asking the other
+            # ranks first would cost an all-reduce and a host sync on every step.
             _ = teacher_model(x_t[:1].to(dtype), t[:1], t[:1], index_condition(cond, slice(0, 1)))
             return v_c, v_u
         xs = x_t[idx].to(dtype)
