@@ -1,63 +1,111 @@
-"""OpenUniBackbone: F(x_t, t, tt, cond) on SANA, times in SANA's units, with or without the query head."""
+"""OpenUniBackbone: F(x_t, t, tt, prompt tokens) = SANA at 1000 t on the query head's output, the frozen LLM
+run inside (outside the module tree), gradients into the queries, connector, projector and SANA."""
+import dataclasses
+
 import pytest
 import torch
 
 from twinflow.backbones.openuni import OpenUniCondition
-from twinflow.backbones.openuni.backbone import OpenUniBackbone
-from twinflow.backbones.openuni.tiny import TINY_LLM_HIDDEN_SIZE, TINY_NUM_QUERIES
-from twinflow.backbones.openuni.tiny_encoders import build_tiny_query_head
+from twinflow.backbones.openuni.backbone import OpenUniBackbone, OpenUniGenerator
+from twinflow.backbones.openuni.condition import OpenUniPrompt
+from twinflow.backbones.openuni.encoders import OpenUniConditioner, OpenUniPromptConditioner
+from twinflow.backbones.openuni.tiny import TINY_LATENT_CHANNELS
+from twinflow.backbones.openuni.tiny_encoders import (
+    build_tiny_internvl,
+    build_tiny_query_head,
+    build_tiny_tokenizer,
+    build_tiny_vae,
+)
 
-from openuni_helpers import CAPTION, twin_sana
+from openuni_helpers import twin_sana
+
+PROMPTS = ["a cat", "a red dog running on the beach with two children and a green plant", "a cat"]
 
 
-def batch(n=3, width=CAPTION, seed=0):
+@pytest.fixture()
+def parts():
+    tokenizer = build_tiny_tokenizer()
+    internvl, head, vae = build_tiny_internvl(tokenizer), build_tiny_query_head(), build_tiny_vae()
+    backbone = OpenUniBackbone(OpenUniGenerator(twin_sana(), head), internvl.model.language_model, dtype=torch.float32)
+    return backbone, OpenUniPromptConditioner(tokenizer, vae), OpenUniConditioner(internvl, tokenizer, vae, head)
+
+
+def inputs(n=3, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 4, 8, 8, generator=g)
+    x = torch.randn(n, TINY_LATENT_CHANNELS, 8, 8, generator=g)
     t = torch.rand(n, generator=g) * torch.tensor([1.0, -1.0, 1.0])[:n]
-    return x, t, t * torch.rand(n, generator=g), OpenUniCondition(torch.randn(n, TINY_NUM_QUERIES, width, generator=g))
+    return x, t, t * torch.rand(n, generator=g)
 
 
 @torch.no_grad()
-def test_velocity_is_the_transformer_at_1000_t():
-    model = twin_sana()
-    x, t, tt, cond = batch()
-    v = OpenUniBackbone(model, dtype=torch.float32)(x, t, tt, cond)
-    direct = model(x, cond.embeds, t * 1000, target_timestep=tt * 1000, return_dict=False)[0]
-    assert v.shape == x.shape and torch.equal(v, direct)
+def test_velocity_is_sana_at_1000_t_on_the_reference_conditions(parts):
+    """The token path equals the reference's encoding (OpenUniConditioner: LLM states -> head) fed to SANA."""
+    backbone, prompts, reference = parts
+    x, t, tt = inputs()
+    v = backbone(x, t, tt, prompts.encode_prompts(PROMPTS))
+    caption = reference.encode_prompts(PROMPTS).embeds
+    sana = backbone.transformer.sana
+    direct = sana(x, caption, t * 1000, target_timestep=tt * 1000, return_dict=False)[0]
+    torch.testing.assert_close(v, direct, rtol=1e-5, atol=1e-5)
 
 
-@torch.no_grad()
-def test_an_all_true_mask_changes_nothing():
-    backbone = OpenUniBackbone(twin_sana(), dtype=torch.float32)
-    x, t, tt, cond = batch()
-    masked = OpenUniCondition(cond.embeds, torch.ones(3, TINY_NUM_QUERIES, dtype=torch.bool))
-    torch.testing.assert_close(backbone(x, t, tt, masked), backbone(x, t, tt, cond))
-
-
-def test_backbone_that_owns_the_head_trains_it():
-    head = build_tiny_query_head()
-    backbone = OpenUniBackbone(twin_sana(), dtype=torch.float32, query_head=head)
-    x, t, tt, cond = batch(width=TINY_LLM_HIDDEN_SIZE)
-    v = backbone(x, t, tt, cond)
-    with torch.no_grad():
-        projected = OpenUniCondition(head(cond.embeds))
-        assert torch.equal(v, OpenUniBackbone(backbone.transformer, dtype=torch.float32)(x, t, tt, projected))
-    v.square().mean().backward()
-    for name in ("connector.layers.0.self_attn.q_proj.weight", "projector.weight"):
+def test_gradients_reach_the_trained_parts_through_the_frozen_llm(parts):
+    backbone, prompts, _ = parts
+    x, t, tt = inputs()
+    backbone(x, t, tt, prompts.encode_prompts(PROMPTS)).square().mean().backward()
+    head = backbone.transformer.query_head
+    for name in ("meta_queries", "connector.layers.0.self_attn.q_proj.weight", "projector.weight"):
         assert head.get_parameter(name).grad.abs().sum() > 0, name
-    assert backbone.transformer.time_embed_2.linear.weight.grad.abs().sum() > 0
+    assert backbone.transformer.sana.time_embed_2.linear.weight.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in backbone.llm.parameters())
+    # The LLM is not part of the module: no parameter, no state-dict key, so no optimizer slot, EMA or checkpoint.
+    llm_ids = {id(p) for p in backbone.llm.parameters()}
+    assert not llm_ids & {id(p) for p in backbone.parameters()}
+    assert all(k.startswith("transformer.") for k in backbone.state_dict())
 
 
-def test_inputs_are_checked():
-    backbone = OpenUniBackbone(twin_sana(), dtype=torch.float32)
-    x, t, tt, cond = batch()
-    with pytest.raises(ValueError, match="channels|x_t must be"):
+def test_a_frozen_head_builds_no_graph_through_the_llm(parts):
+    backbone, prompts, _ = parts
+    backbone.transformer.query_head.requires_grad_(False)
+    assert not backbone.caption_states(prompts.encode_prompts(PROMPTS)).requires_grad
+
+
+@torch.no_grad()
+def test_repeated_prompts_run_the_llm_once_each(parts):
+    backbone, prompts, _ = parts
+    rows = []
+    handle = backbone.llm.register_forward_hook(lambda m, a, kw, out: rows.append(kw["inputs_embeds"].shape[0]),
+                                                with_kwargs=True)
+    cond, uncond = prompts.encode_pair(PROMPTS)
+    both = OpenUniPrompt.cat([cond, uncond])
+    x, t, tt = inputs()
+    v = backbone(torch.cat([x, x]), torch.cat([t, t]), torch.cat([tt, tt]), both)
+    handle.remove()
+    assert rows == [3]  # "a cat" twice and the negative prompt three times: three distinct prompts
+    torch.testing.assert_close(v[:3], backbone(x, t, tt, cond), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v[3:], backbone(x, t, tt, uncond), rtol=1e-5, atol=1e-5)
+
+
+def test_inputs_are_checked(parts):
+    backbone, prompts, _ = parts
+    x, t, tt = inputs()
+    cond = prompts.encode_prompts(PROMPTS)
+    with pytest.raises(ValueError, match="x_t must be"):
         backbone(x[:, :3], t, tt, cond)
     with pytest.raises(ValueError, match="t and tt must have shape"):
         backbone(x, t, tt[:2], cond)
-    with pytest.raises(TypeError, match="OpenUniCondition of 3 rows"):
+    with pytest.raises(TypeError, match="OpenUniPrompt of 3 rows"):
         backbone(x, t, tt, cond.index(slice(0, 2)))
-    with pytest.raises(ValueError, match="projected states"):
-        backbone(x, t, tt, batch(width=TINY_LLM_HIDDEN_SIZE)[3])
-    with pytest.raises(TypeError, match="OpenUniCondition"):
-        backbone(x, t, tt, cond.embeds)
+    with pytest.raises(TypeError, match="OpenUniPrompt"):
+        backbone(x, t, tt, OpenUniCondition(torch.randn(3, 8, 24)))
+
+
+def test_widths_that_do_not_fit_are_refused(parts):
+    backbone, _, _ = parts
+    llm = backbone.llm
+    from twinflow.backbones.openuni.query_head import OpenUniQueryHead
+    from twinflow.backbones.openuni.tiny_encoders import tiny_query_head_config
+
+    narrow = OpenUniQueryHead(dataclasses.replace(tiny_query_head_config(), caption_channels=16))
+    with pytest.raises(ValueError, match="caption_channels"):
+        OpenUniBackbone(OpenUniGenerator(twin_sana(), narrow), llm, dtype=torch.float32)

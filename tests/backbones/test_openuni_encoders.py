@@ -3,8 +3,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from twinflow.backbones.openuni.backbone import OpenUniBackbone
-from twinflow.backbones.openuni.encoders import OpenUniConditioner, format_negative_prompt, format_prompt
+from twinflow.backbones.openuni.encoders import (
+    PROMPT_TAIL,
+    OpenUniConditioner,
+    OpenUniPromptConditioner,
+    format_negative_prompt,
+    format_prompt,
+)
 from twinflow.backbones.openuni.tiny import TINY_LATENT_CHANNELS, TINY_LLM_HIDDEN_SIZE, TINY_NUM_QUERIES
 from twinflow.backbones.openuni.tiny_encoders import (
     INTERNVL_SPECIAL_TOKENS,
@@ -91,18 +96,23 @@ def test_pair_equals_separate_encodings(conditioner):
     assert torch.equal(uncond.embeds[0], uncond.embeds[1])
 
 
-@torch.no_grad()
-def test_unprojected_states_feed_a_backbone_that_owns_the_head(folder, conditioner):
-    raw = OpenUniConditioner.from_pretrained(
-        folder, conditioner.query_head, project=False, llm_dtype=torch.float32, vae_dtype=torch.float32
-    )
-    states = raw.encode_prompts(PROMPTS)
-    assert states.embeds.shape == (2, TINY_NUM_QUERIES, TINY_LLM_HIDDEN_SIZE)
-    sana = twin_sana()
-    x, t = torch.randn(2, TINY_LATENT_CHANNELS, 8, 8), torch.tensor([0.7, -0.4])
-    owning = OpenUniBackbone(sana, dtype=torch.float32, query_head=conditioner.query_head)
-    plain = OpenUniBackbone(sana, dtype=torch.float32)
-    assert torch.equal(owning(x, t, t / 2, states), plain(x, t, t / 2, conditioner.encode_prompts(PROMPTS)))
+def test_prompt_conditioner_gives_the_templates_token_ids(folder):
+    """The trainer's conditioner: token ids of the reference template (no model run), right-padded; the
+    negative prompt's repeated; a prompt over max_sequence_length loses prompt tokens, never the tail."""
+    prompts = OpenUniPromptConditioner.from_pretrained(folder, vae_dtype="float32", max_sequence_length=20)
+    tokenizer = prompts.tokenizer
+    cond, uncond = prompts.encode_pair(PROMPTS[:1] + ["a dog"])
+    expected = tokenizer(format_prompt("a cat"), add_special_tokens=False).input_ids
+    assert cond.input_ids[0][cond.mask[0]].tolist() == expected
+    negative = tokenizer(format_negative_prompt(None), add_special_tokens=False).input_ids
+    assert uncond.input_ids.shape[0] == 2 and all(r[m].tolist() == negative for r, m in zip(uncond.input_ids, uncond.mask))
+    long = prompts.encode_prompts([PROMPTS[1] * 3])
+    assert long.input_ids.shape[1] == 20
+    tail = tokenizer(PROMPT_TAIL, add_special_tokens=False).input_ids
+    assert long.input_ids[0, -len(tail):].tolist() == tail
+    assert tokenizer(format_prompt("a cat"), add_special_tokens=False).input_ids[-len(tail):] == tail
+    with pytest.raises(ValueError, match="reference images"):
+        prompts.encode_pair(["a cat"], torch.zeros(1, 3, 16, 16))
 
 
 @torch.no_grad()

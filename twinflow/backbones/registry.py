@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
@@ -53,7 +53,9 @@ class MemoryInventory:
 
     ``sizes_by_module``: ``{module name: numels of the parameters it owns directly}`` (exact, built on
     the ``meta`` device); ``block_prefix`` names the repeated blocks; ``width`` is the hidden width D;
-    ``patch_size`` the latent patch side; ``architecture_source`` says where the architecture came from.
+    ``patch_size`` the latent patch side; ``architecture_source`` says where the architecture came from;
+    ``resident_frozen``: frozen models the backbone runs on every forward, held whole on every rank in
+    the compute precision (name -> parameter count; OpenUni's language model).
     """
 
     sizes_by_module: Mapping[str, Sequence[int]]
@@ -62,6 +64,7 @@ class MemoryInventory:
     patch_size: int
     architecture_source: str
     activations: ActivationProfile
+    resident_frozen: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -69,3 +69,61 @@ class OpenUniCondition:
         """Like ``Tensor.to``; a dtype applies to ``embeds`` only (the mask stays bool)."""
         embeds = self.embeds.to(*args, **kwargs)
         return OpenUniCondition(embeds, None if self.mask is None else self.mask.to(device=embeds.device))
+
+
+@dataclass
+class OpenUniPrompt:
+    """What the trainer and the sampler pass as ``cond`` to OpenUni: the formatted prompts' token ids
+    ``input_ids`` (B, L) int64, right-padded, and ``mask`` (B, L) bool (True on a prompt's tokens).
+
+    The frozen LLM runs inside the backbone on every forward (the learnable queries pass through it, so its
+    states depend on trained weights and cannot be cached); what is cached is this, the tokenized prompt.
+    Padding positions hold token id 0 and are masked out; the backbone ignores their ids.
+    """
+
+    input_ids: Tensor
+    mask: Tensor
+
+    def __post_init__(self) -> None:
+        if self.input_ids.dim() != 2 or self.mask.shape != self.input_ids.shape:
+            raise ValueError(
+                f"OpenUniPrompt needs input_ids (B, L) and mask (B, L); got shapes {tuple(self.input_ids.shape)} "
+                f"and {tuple(self.mask.shape)}"
+            )
+        if self.input_ids.is_floating_point():
+            raise ValueError(f"OpenUniPrompt.input_ids must be integer token ids, got {self.input_ids.dtype}")
+        self.mask = self.mask.bool()
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def index(self, idx: Tensor | slice) -> "OpenUniPrompt":
+        """Rows ``idx`` of the batch (bool mask, index tensor or slice)."""
+        return OpenUniPrompt(self.input_ids[idx], self.mask[idx])
+
+    @classmethod
+    def cat(cls, conds: Sequence["OpenUniPrompt"]) -> "OpenUniPrompt":
+        """Join along the batch, right-padding to the longest with id 0 and ``mask == False``."""
+        if not conds:
+            raise ValueError("OpenUniPrompt.cat needs at least one condition")
+        longest = max(c.input_ids.shape[1] for c in conds)
+        grow = [longest - c.input_ids.shape[1] for c in conds]
+        ids = torch.cat([torch.nn.functional.pad(c.input_ids, (0, n)) for c, n in zip(conds, grow)])
+        mask = torch.cat([torch.nn.functional.pad(c.mask, (0, n), value=False) for c, n in zip(conds, grow)])
+        return cls(ids, mask)
+
+    def unique_rows(self) -> tuple["OpenUniPrompt", Tensor]:
+        """``(distinct rows, inverse)`` with ``self == distinct.index(inverse)`` (padding ignored): the
+        guidance pass joins a batch with copies of one negative prompt, which then runs the LLM once."""
+        keyed = torch.where(self.mask, self.input_ids, torch.full_like(self.input_ids, -1))
+        distinct, inverse = torch.unique(keyed, dim=0, return_inverse=True)
+        mask = distinct >= 0
+        return OpenUniPrompt(distinct.clamp_min(0), mask), inverse
+
+    def to(self, *args, **kwargs) -> "OpenUniPrompt":
+        """Moves to a device; a dtype is ignored (token ids stay integers, the mask bool)."""
+        device = kwargs.get("device")
+        for a in args:
+            if isinstance(a, (str, torch.device)):
+                device = a
+        return OpenUniPrompt(self.input_ids.to(device=device), self.mask.to(device=device))

@@ -27,3 +27,22 @@ TIME_EMBED_2_LINEARS = [
     f"{TIME_EMBED_2}.emb.timestep_embedder.linear_1",
     f"{TIME_EMBED_2}.emb.timestep_embedder.linear_2",
 ]
+FUSED_TIME_LINEARS = TIME_EMBED_TARGETS + TIME_EMBED_2_LINEARS
+"""The linears whose plain weights ``kernels: triton`` (the fused dual-time embedding) reads: LoRA must
+not wrap them then (``dual_time.check_fused_lora``)."""
+NAMES = {"time_embed_2": TIME_EMBED_2, "time_embed_2_linears": TIME_EMBED_2_LINEARS}
+
+
+def lora_config(settings, *, dropout: float = 0.0):
+    """The peft config of one adapter: Qwen-Image's rule with SANA's embedder names (imports peft)."""
+    from ..qwen_image.lora import lora_config as shared
+
+    return shared(settings, dropout=dropout, **NAMES)
+
+
+def add_lora(transformer, settings) -> None:
+    """Inject the trained adapter and the EMA adapter into SANA as Qwen-Image does (peft), with SANA's
+    embedder names."""
+    from ..qwen_image.lora import add_lora as shared
+
+    shared(transformer, settings, **NAMES)

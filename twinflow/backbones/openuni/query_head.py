@@ -25,8 +25,14 @@ from torch import nn
 from transformers import SiglipVisionConfig
 from transformers.models.siglip.modeling_siglip import SiglipEncoder
 
+from twinflow.utils.partitioned import gathered
+
 CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+"""diffusers' weights file name, so that the trainer's streaming loader (``load_checkpoint_into``) reads
+the head as it reads a transformer folder."""
+LEGACY_WEIGHTS_NAME = "model.safetensors"
+"""The name earlier versions wrote; still read."""
 
 
 @dataclass
@@ -97,15 +103,32 @@ class OpenUniQueryHead(nn.Module):
         """Queries normal(0, 1/sqrt(D_llm)) as the reference; the connector's linear weights Xavier-uniform
         with zero biases (the reference's scheme, except that its MLP biases start at normal(0, 1e-6)).
         A pretrained head overwrites all of it."""
-        with torch.no_grad():
+        # Under deepspeed.zero.Init the connector's layers are partitioned already: gather them to write.
+        with gathered(list(self.connector.parameters()), modify=True), torch.no_grad():
             self.meta_queries.normal_(0.0, 1.0 / math.sqrt(self.config.llm_hidden_size))
             for module in self.connector.modules():
                 if isinstance(module, nn.Linear):
                     nn.init.xavier_uniform_(module.weight)
                     nn.init.zeros_(module.bias)
 
-    def forward(self, states: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.connector(states).last_hidden_state)
+    def forward(self, states: torch.Tensor | None = None, *, prompt_embeds: torch.Tensor | None = None,
+                prompt_mask: torch.Tensor | None = None, llm: nn.Module | None = None) -> torch.Tensor:
+        """SANA's caption input (B, Q, caption_channels), from either
+
+        * ``states``: the LLM's query states (B, Q, D_llm), already computed; or
+        * ``prompt_embeds`` (B, L, D_llm), ``prompt_mask`` (B, L) and the frozen ``llm``: the queries are
+          appended to the prompt and the LLM runs here (:func:`llm_query_states`).
+
+        Both go through ``forward`` because ZeRO-3 gathers ``meta_queries`` only inside this module's
+        forward (its pre-forward hook); the connector and projector gather in their own.
+        """
+        if (states is None) == (prompt_embeds is None):
+            raise ValueError("OpenUniQueryHead takes either states or prompt_embeds (with prompt_mask and llm)")
+        if states is None:
+            if prompt_mask is None or llm is None:
+                raise ValueError("prompt_embeds need prompt_mask and the llm")
+            states = llm_query_states(llm, prompt_embeds, prompt_mask, self.meta_queries)
+        return self.projector(self.connector(states.to(self.projector.weight.dtype)).last_hidden_state)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """``config.json`` and ``model.safetensors`` under ``folder``."""
@@ -120,8 +143,28 @@ class OpenUniQueryHead(nn.Module):
         """The head saved by :meth:`save_pretrained`, in ``dtype`` (default: the stored one); strict:
         every key present, none extra."""
         folder = Path(folder)
-        state = load_file(str(folder / WEIGHTS_NAME))
+        weights = folder / WEIGHTS_NAME
+        state = load_file(str(weights if weights.is_file() else folder / LEGACY_WEIGHTS_NAME))
         head = cls(QueryHeadConfig(**json.loads((folder / CONFIG_NAME).read_text())))
         head.to(dtype or next(iter(state.values())).dtype)
         head.load_state_dict(state, strict=True)
         return head
+
+
+def llm_query_states(llm: nn.Module, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor,
+                     queries: torch.Tensor) -> torch.Tensor:
+    """The frozen LLM's last hidden states at the queries (B, Q, D_llm), as the reference computes them.
+
+    ``prompt_embeds`` (B, L, D) are the right-padded prompt tokens' input embeddings and ``prompt_mask``
+    (B, L) marks the valid ones; the queries (Q, D) are appended after the padding. The attention mask
+    covers the valid tokens and every query, and position ids count valid tokens only, so a query sees the
+    same context at the same positions whatever the padding. The LLM (a transformers decoder: causal
+    attention) runs once; gradients flow into the queries when they require grad.
+    """
+    batch = prompt_embeds.shape[0]
+    expanded = queries.to(prompt_embeds.dtype)[None].expand(batch, -1, -1)
+    mask = torch.cat([prompt_mask.bool(), prompt_mask.new_ones(batch, queries.shape[0], dtype=torch.bool)], 1)
+    positions = (mask.long().cumsum(dim=1) - 1).clamp_min(0)
+    hidden = llm(inputs_embeds=torch.cat([prompt_embeds, expanded], dim=1), attention_mask=mask,
+                 position_ids=positions).last_hidden_state
+    return hidden[:, -queries.shape[0]:]

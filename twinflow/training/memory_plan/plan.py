@@ -89,7 +89,7 @@ def _config_plan(
     plan = plan_for_model(
         inv, zero, shape,
         teacher=teacher_kind(cfg.method.ema_decay_rate),
-        encoder_params=spec.encoder_params() if resident_encoders else None,
+        encoder_params={**memory.resident_frozen, **(spec.encoder_params() if resident_encoders else {})},
         gpu_mem_gib=gpu_mem_gib, cuda_context_gib=cuda_context_gib, fragmentation=fragmentation, title=title,
     )
     plan.assumptions.append(f"{geometry}; text padded to {text_tokens} tokens ({text_source})")

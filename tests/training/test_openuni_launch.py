@@ -1,0 +1,144 @@
+"""OpenUni through the whole product on 2 CPU ranks: a tiny OpenUni folder (InternVL3 with tokenizer, query
+head, DC-AE, SANA) and a tiny raw dataset -> ``python -m twinflow.data.precompute`` (prompt tokens and DC-AE
+latents) -> ``deepspeed --module twinflow.train`` (ZeRO-3, the queries/connector/projector trained with SANA
+through the frozen LLM, EMA teacher) -> resume from the middle with equal losses -> ``twinflow export`` ->
+``from_pretrained`` -> ``twinflow sample`` at 1, 2, 4 and 30 NFE. The same for LoRA (peft on SANA, the
+EMA adapter, the head frozen).
+
+Two launches per mode (a straight run and a resumed one), ~30-60 s each here.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from test_distributed import ENV, _losses, _tail, launch
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "configs" / "tiny_cpu_openuni.yaml"
+PRESETS = ["one_step", "few_step", "any_step", "multi_step"]  # 1, 2, 4 and 30 NFE
+LORA = ["model.lora.enabled=true", "model.lora.rank=4", "model.lora.alpha=4.0", "model.train_query_head=false",
+        "method.ema_decay_rate=0.9"]
+pytestmark = pytest.mark.distributed
+
+
+def _run(args: list[str], log: Path) -> None:
+    with open(log, "w") as f:
+        rc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=ENV, stdout=f, stderr=subprocess.STDOUT,
+                            timeout=900).returncode
+    assert rc == 0, _tail(log)
+
+
+def _precompute(root: Path, model: Path, data: dict, name: str) -> None:
+    job = {"model": {"family": "openuni"}, "data": data,
+           "precompute": {"batch_size": 4, "shard_size": 4, "device": "cpu"},
+           "encoder": {"model_path": str(model), "max_sequence_length": 48, "vae_dtype": "float32"}}
+    (root / f"{name}.yaml").write_text(yaml.safe_dump(job))
+    _run(["twinflow.data.precompute", "--config", str(root / f"{name}.yaml"), "--no-progress"], root / f"{name}.log")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> tuple[Path, Path, dict]:
+    """The tiny OpenUni folder and a tiny parquet dataset encoded through the real precompute; returns the
+    root, the model folder and the data section."""
+    sys.path.insert(0, str(REPO / "tests" / "data"))
+    from data_helpers import image_bytes, write_parquet
+    from twinflow.backbones.openuni.tiny_encoders import save_tiny_model_folder
+
+    root = tmp_path_factory.mktemp("openuni")
+    model = save_tiny_model_folder(root / "model")
+    (root / "raw").mkdir()
+    rows = [{"caption": f"a photo of item {i}", "image": image_bytes(i, (32, 32))} for i in range(8)]
+    write_parquet(root / "raw" / "train.parquet", rows)
+    data = {"source": "parquet", "paths": [str(root / "raw")], "image_size": 16, "use_cache": True,
+            "cache_dir": str(root / "cache"), "cache_dtype": "float32"}
+    _precompute(root, model, data, "precompute")
+    return root, model, data
+
+
+def _train_config(root: Path, model: Path, data: dict, name: str) -> Path:
+    config = yaml.safe_load(TINY.read_text())
+    config["model"]["pretrained"] = str(model)
+    config["data"] = data
+    path = root / name / "train.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _mode(cache, name: str, overrides: list[str], export_args: list[str]) -> dict:
+    root, model, data = cache
+    out = root / name
+    out.mkdir()
+    config = str(_train_config(root, model, data, name))
+    base = ["--module", "twinflow.train", "--config", config, *overrides]
+    assert launch(base + [f"train.output_dir={out / 'straight'}"], out / "straight.log") == 0, _tail(out / "straight.log")
+    resume = out / "straight" / "checkpoints" / "step_00000002"
+    assert launch(base + [f"train.output_dir={out / 'resumed'}", f"train.resume={resume}"], out / "resumed.log") == 0, \
+        _tail(out / "resumed.log")
+    export = out / "export"
+    _run(["twinflow.cli", "export", "--checkpoint", str(out / "straight" / "checkpoints" / "step_00000004"),
+          "--out", str(export), *export_args], out / "export.log")
+    samples = out / "samples"
+    _run(["twinflow.cli", "sample", "--model", str(export), "--prompt", "a red cat", "--height", "16", "--device", "cpu",
+          "--output", str(samples), *[a for p in PRESETS for a in ("--preset", p)]], out / "sample.log")
+    return {"straight": _losses(out / "straight" / "metrics.jsonl"), "resumed": _losses(out / "resumed" / "metrics.jsonl"),
+            "export": export, "samples": sorted(p.name for p in samples.glob("*.png")), "model": model,
+            "checkpoint": out / "straight" / "checkpoints" / "step_00000004"}
+
+
+@pytest.fixture(scope="module")
+def full(cache) -> dict:
+    return _mode(cache, "full", [], [])
+
+
+@pytest.fixture(scope="module")
+def lora(cache) -> dict:
+    return _mode(cache, "lora", LORA, ["--merge-lora"])
+
+
+def _check_resume(run: dict) -> None:
+    assert sorted(run["straight"]) == [1, 2, 3, 4] and sorted(run["resumed"]) == [3, 4]
+    for step, values in run["resumed"].items():
+        assert values[0] == pytest.approx(run["straight"][step][0], rel=1e-5, abs=1e-6), step
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_resumed_run_reproduces_the_straight_runs_losses(mode, request):
+    _check_resume(request.getfixturevalue(mode))
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_export_loads_with_from_pretrained_and_samples_at_every_preset(mode, request):
+    from twinflow.backbones.openuni.query_head import OpenUniQueryHead
+    from twinflow.backbones.openuni.transformer import TwinFlowSanaTransformer
+
+    run = request.getfixturevalue(mode)
+    model, info = TwinFlowSanaTransformer.from_pretrained(run["export"] / "transformer", output_loading_info=True)
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+    assert any(k.startswith("time_embed_2.") for k in model.state_dict())
+    head = OpenUniQueryHead.from_pretrained(run["export"] / "query_head")
+    start = OpenUniQueryHead.from_pretrained(run["model"] / "query_head")
+    moved = not torch.equal(head.meta_queries, start.meta_queries)
+    # Full runs train the queries (through the frozen LLM); LoRA runs keep the head as it was.
+    assert moved == (mode == "full")
+    assert len(run["samples"]) == len(PRESETS), run["samples"]
+    if mode == "lora":
+        assert (run["export"] / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_checkpoint_holds_the_trained_parts_only(full):
+    """The frozen language model is outside the engine: no checkpoint or export layout entry names it, and
+    the queries, connector and projector are trained parameters beside SANA's."""
+    import json
+
+    meta = json.loads((full["checkpoint"] / "meta.json").read_text())
+    names = [e["name"] for e in meta["layout"]["trainable"]]
+    assert any(n.startswith("transformer.query_head.meta_queries") for n in names)
+    assert any(n.startswith("transformer.query_head.connector.") for n in names)
+    assert any(n.startswith("transformer.sana.time_embed_2.") for n in names)
+    assert not any("llm" in n or "language_model" in n for n in names)
