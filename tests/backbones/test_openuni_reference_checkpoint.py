@@ -92,3 +92,24 @@ def test_conversion_writes_safetensors_folders_in_the_checkpoint_dtype(tmp_path)
     assert_same(loaded_head, head.to(torch.bfloat16))
     assert torch.count_nonzero(transformer.time_embed_2.linear.bias) == 0
     assert (out / "ignored_keys.txt").read_text().split() == sorted(k for k in state if k.startswith(("lmm.", "vae.")))
+
+
+def test_convert_command_writes_a_folder_the_trainer_builds_from(tmp_path):
+    """``python -m twinflow.backbones.openuni.convert``: the converted folder (with internvl/ and vae/ linked)
+    is ``model.pretrained`` for the builder, and its SANA and head hold the checkpoint's weights."""
+    from twinflow.backbones.openuni.build import build_openuni_backbone
+    from twinflow.backbones.openuni.config import OpenUniBackboneConfig
+    from twinflow.backbones.openuni.convert import main
+    from twinflow.backbones.openuni.tiny_encoders import save_tiny_model_folder
+
+    tiny = save_tiny_model_folder(tmp_path / "tiny")
+    state, sana, head = reference_state(seed=3)
+    torch.save(state, tmp_path / "openuni.pth")
+    args = ["--checkpoint", str(tmp_path / "openuni.pth"), "--sana-config", str(tiny / "transformer"),
+            "--internvl", str(tiny / "internvl"), "--vae", str(tiny / "vae"),
+            "--query-head-config", str(tiny / "query_head"), "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    backbone = build_openuni_backbone(OpenUniBackboneConfig(pretrained=str(tmp_path / "out"), dtype="float32"), "cpu")
+    assert_same(backbone.transformer.sana, sana)
+    assert_same(backbone.transformer.query_head, head)
+    assert main(args[:-1] + [str(tmp_path / "bad")] + ["--vae", str(tmp_path)]) == 2  # no config.json: named, refused
