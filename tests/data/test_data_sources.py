@@ -93,6 +93,7 @@ def test_parquet_bad_rows_are_skipped_and_counted(tmp_path: Path) -> None:
         "unsupported_file": 0,
         "missing_reference": 0,
         "corrupt_reference": 0,
+        "empty_prompt": 0,
     }
     assert not marker.exists(), "image bytes must never be unpickled"
     assert any("#4" in key for key in loader.stats.examples(SkipReason.CORRUPT_IMAGE))

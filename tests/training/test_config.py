@@ -102,6 +102,24 @@ def test_cross_section_errors_name_the_key(overrides, match):
         load_train_config(TINY, overrides)
 
 
+PROMPTS = ["synthetic_data=null", "data={source: prompts, paths: [prompts.txt], use_cache: true, cache_dir: c}"]
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ([], r"config key 'data.source' is 'prompts' .* but method.use_image_free is false"),
+        (["method.use_image_free=true", "data.image_column=image"], "data.image_column set, but data.source: prompts has no images"),
+        (["method.use_image_free=true", "data.ref_suffix=_ref"], "data.ref_suffix set, but data.source: prompts"),
+    ],
+)
+def test_a_prompts_source_trains_image_free_and_takes_no_image_keys(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_train_config(TINY, PROMPTS + overrides)
+    config = load_train_config(TINY, PROMPTS + ["method.use_image_free=true"])  # no file is read at load
+    assert config.data.prompts_only and config.data.image_column is None
+
+
 def test_kernels_switch_reaches_method_and_model():
     config = load_train_config(TINY, ["kernels=triton"])
     assert config.method.kernels == "triton" and config.model.kernels == "triton"

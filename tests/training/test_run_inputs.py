@@ -68,3 +68,48 @@ def test_a_pretrained_models_shapes_are_read_from_its_folder(tmp_path):
     with pytest.raises(ConfigError, match=r"'synthetic_data.latent_channels' gives 4 latent channels but model.pretrained .* takes 16"):
         config.check_inputs()
     load_train_config(TINY, overrides + ["synthetic_data.latent_channels=16"], check_inputs=True)
+
+
+def _prompts_cache(root, items: int = 6, latent_shape=(4, 8, 8), cache_dtype: str = "bfloat16"):
+    """A prompts-only cache (no latents stored) written with the product's CacheWriter, and its data section."""
+    import torch
+
+    from twinflow.backbones.qwen_image.condition import QwenCondition
+    from twinflow.data.batch import TrainBatch, placeholder_latents
+    from twinflow.data.cache import CacheWriter, data_fingerprint
+    from twinflow.data.config import DataConfig
+    from twinflow.data.stats import DataStats
+
+    data = DataConfig(source="prompts", paths=[str(root / "prompts.txt")], image_size=64, cache_dir=str(root / "cache"),
+                      use_cache=True, cache_dtype=cache_dtype)
+    gen = torch.Generator().manual_seed(0)
+    embeds, mask = torch.randn(items, 5, 32, generator=gen), torch.ones(items, 5, dtype=torch.bool)
+    batch = TrainBatch(placeholder_latents(items, latent_shape), QwenCondition(embeds, mask),
+                       QwenCondition(embeds[:, :2], mask[:, :2]), list(range(items)), [f"p{i}" for i in range(items)])
+    writer = CacheWriter(data.cache_dir, shard_size=4, dtype=cache_dtype, prompts_only=True)
+    writer.add(batch, store_uncond_per_item=False)
+    writer.set_unconditional(QwenCondition(embeds[:1, :2], mask[:1, :2]))
+    writer.finish({**data_fingerprint(data), "model_path": str(root / "encoders")}, DataStats())
+    return data
+
+
+def test_a_prompts_only_cache_trains_only_image_free(tmp_path):
+    import torch
+
+    data = _prompts_cache(tmp_path)
+    path = cache_config(tmp_path, data, cache_dtype="bfloat16")
+    with pytest.raises(ConfigError, match=r"'data.source' is 'prompts' .* method.use_image_free is false"):
+        load_train_config(path, check_inputs=True)
+    config = load_train_config(path, ["method.use_image_free=true"], check_inputs=True)  # shapes fit the model
+    # The loader refuses it too unless told the objective is image-free (a config built in code).
+    with pytest.raises(ConfigError, match="method.use_image_free"):
+        build_loader(config.data, None, 4, 0, 1)
+    batch = next(iter(build_loader(config.data, None, 4, 0, 1, image_free=True)))
+    assert batch.latents.shape == (4, 4, 8, 8) and batch.latents.dtype == torch.bfloat16 and not batch.latents.any()
+    assert batch.cond.embeds.dtype == torch.bfloat16
+    # A prompts cache's latent shape is checked against the model like any cache's.
+    other = tmp_path / "other"
+    other.mkdir()
+    path = cache_config(other, _prompts_cache(other, latent_shape=(3, 8, 8)), cache_dtype="bfloat16")
+    with pytest.raises(ConfigError, match="gives 3 latent channels but model.transformer takes 4"):
+        load_train_config(path, ["method.use_image_free=true"], check_inputs=True)

@@ -17,6 +17,13 @@ reference image, edit caches also store the unconditional fields per item under 
 (``uncond_embeds`` / ``uncond_offsets``), less the fields it shares with the condition. The manifest's
 ``format`` names the schema. Item keys (source file / row) are in the shard's safetensors metadata.
 
+A cache of prompts without images (``data.source: prompts``, for ``method.use_image_free``) stores no
+``latents``: its manifest says ``prompts_only: true`` and its ``latent_shape`` is that of
+``data.image_size`` images under the backbone's latent codec. Its batches carry placeholder latents,
+zeros of that shape in the cache's dtype, which the image-free objective replaces by the online model's
+one-step samples, reading only their shape, dtype and device. Training refuses such a cache without
+``method.use_image_free``.
+
 Crash safety: shards are written under a name unique to the run, each to a temporary name, fsynced and
 renamed. The manifest, which alone makes a cache valid, is written the same way only after every shard
 is in place, and records each shard's byte size. So an interrupted precompute leaves any previous cache
@@ -50,7 +57,7 @@ from twinflow.backbones.registry import (
 )
 from twinflow.utils.atomic_files import atomic_write_json, replace_atomically
 
-from .batch import TrainBatch
+from .batch import TrainBatch, placeholder_latents
 from .config import DataConfig
 from .stats import DataError, DataStats
 
@@ -116,9 +123,10 @@ def _ragged(pieces: list[Tensor]) -> tuple[Tensor, Tensor]:
 
 
 class CacheWriter:
-    """Accumulates encoded batches into shards; :meth:`finish` commits the manifest."""
+    """Accumulates encoded batches into shards; :meth:`finish` commits the manifest. ``prompts_only``:
+    the batches' latents are placeholders (prompts without images); only their shape is recorded."""
 
-    def __init__(self, cache_dir: str | Path, shard_size: int, dtype: str) -> None:
+    def __init__(self, cache_dir: str | Path, shard_size: int, dtype: str, *, prompts_only: bool = False) -> None:
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         self.cache_dir = Path(cache_dir)
@@ -126,6 +134,7 @@ class CacheWriter:
         self.shard_size = shard_size
         self.dtype_name = dtype
         self.dtype = _DTYPES[dtype]
+        self.prompts_only = prompts_only
         self.run_id = f"{int(time.time()):x}{secrets.token_hex(4)}"
         self.shards: list[dict[str, Any]] = []
         self.unconditional: dict[str, Any] | None = None
@@ -163,7 +172,7 @@ class CacheWriter:
             item = {
                 "index": batch.indices[row],
                 "key": batch.keys[row],
-                "latents": batch.latents[row].detach().cpu(),
+                **({} if self.prompts_only else {"latents": batch.latents[row].detach().cpu()}),
                 **{name: t.detach().cpu() for name, t in fields.items()},
             }
             if uncond_rows is not None:
@@ -189,10 +198,9 @@ class CacheWriter:
         if not self._rows:
             return
         rows, self._rows = self._rows, []
-        tensors = {
-            "latents": torch.stack([r["latents"] for r in rows]).to(self.dtype),
-            "indices": torch.tensor([r["index"] for r in rows], dtype=torch.int64),
-        }
+        tensors = {"indices": torch.tensor([r["index"] for r in rows], dtype=torch.int64)}
+        if not self.prompts_only:
+            tensors["latents"] = torch.stack([r["latents"] for r in rows]).to(self.dtype)
         ragged = self._ragged_names()
         for field in [k for k in rows[0] if k not in ("index", "key", "latents")]:
             if field in ragged:
@@ -218,6 +226,7 @@ class CacheWriter:
             "fingerprint_sha256": fingerprint_hash(fingerprint),
             "num_items": self.num_items,
             "dtype": self.dtype_name,
+            "prompts_only": self.prompts_only,
             **self._layout,
             "shards": self.shards,
             "unconditional": self.unconditional,
@@ -247,11 +256,12 @@ class CacheWriter:
 @dataclass
 class CachedItem:
     """One cached item: latents (C, h, w) and its condition fields (for Qwen-Image its valid text
-    tokens ``embeds`` (L, D) and, for edit, ``ref_latents``); ``uncond_fields`` when stored per item."""
+    tokens ``embeds`` (L, D) and, for edit, ``ref_latents``); ``uncond_fields`` when stored per item.
+    ``latents`` is None in a prompts-only cache (its batches get placeholder latents)."""
 
     index: int
     key: str
-    latents: Tensor
+    latents: Tensor | None
     fields: dict[str, Tensor]
     uncond_fields: dict[str, Tensor] | None
 
@@ -291,7 +301,8 @@ class CachedDataset(torch.utils.data.Dataset):
     ``expected_fingerprint`` (see :func:`cache_fingerprint`, or :func:`data_fingerprint` for the data
     settings alone) guards against training on a cache built from other data or models: any difference
     in the settings it names raises :class:`DataError` naming them.
-    Tensors come back in the cache's storage dtype, on the CPU.
+    Tensors come back in the cache's storage dtype, on the CPU. A prompts-only cache's batches have
+    placeholder latents: zeros of its ``latent_shape`` (see the module docstring).
     """
 
     def __init__(self, cache_dir: str | Path, expected_fingerprint: dict[str, Any] | None = None) -> None:
@@ -300,6 +311,8 @@ class CachedDataset(torch.utils.data.Dataset):
         if expected_fingerprint is not None:
             self._check_fingerprint(expected_fingerprint)
         self.schema: CacheSchema = spec_for_cache_format(self.manifest["format"]).cache_schema
+        self.latent_shape: list[int] = list(self.manifest["latent_shape"])
+        self.dtype = _DTYPES[self.manifest["dtype"]]
         counts = [s["num_items"] for s in self.manifest["shards"]]
         self._shard_starts = np.concatenate([[0], np.cumsum(counts)])
         ragged = dict(self.schema.ragged)
@@ -326,6 +339,11 @@ class CachedDataset(torch.utils.data.Dataset):
 
     def _check_fingerprint(self, expected: dict[str, Any]) -> None:
         check_fingerprint(self.manifest, expected, self.cache_dir)
+
+    @property
+    def prompts_only(self) -> bool:
+        """Whether the cache holds prompts without images (no latents; placeholders in batches)."""
+        return bool(self.manifest.get("prompts_only", False))
 
     @property
     def uncond_per_item(self) -> bool:
@@ -374,7 +392,7 @@ class CachedDataset(torch.utils.data.Dataset):
         return CachedItem(
             index=int(self._indices[shard][local]),
             key=self._keys[shard][local],
-            latents=f.get_slice("latents")[local : local + 1][0],
+            latents=None if self.prompts_only else f.get_slice("latents")[local : local + 1][0],
             fields=fields,
             uncond_fields=uncond,
         )
@@ -394,8 +412,12 @@ class CachedDataset(torch.utils.data.Dataset):
             ])
         else:
             uncond = self.unconditional(len(items))
+        if self.prompts_only:
+            latents = placeholder_latents(len(items), self.latent_shape, self.dtype)
+        else:
+            latents = torch.stack([i.latents for i in items])  # type: ignore[misc]
         return TrainBatch(
-            latents=torch.stack([i.latents for i in items]),
+            latents=latents,
             cond=cond,
             uncond=uncond,
             indices=[i.index for i in items],

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-SourceKind = Literal["parquet", "folder"]
+SourceKind = Literal["parquet", "folder", "prompts"]
 CacheDType = Literal["float32", "bfloat16", "float16"]
 
 IMAGE_MULTIPLE = 16
@@ -16,9 +16,15 @@ class DataConfig:
     """Where the image-caption data is and how items are prepared.
 
     ``source``: ``parquet`` (``paths`` are ``.parquet`` files or folders of them; columns named by
-    ``caption_column`` / ``image_column`` hold text and encoded image bytes, either a binary column or a
-    Hugging Face ``Image`` struct with a ``bytes`` field) or ``folder`` (``paths`` are folders searched
-    recursively for images with a same-stem ``caption_extension`` file beside them).
+    ``caption_column`` / ``image_column`` (default ``image``) hold text and encoded image bytes, either a
+    binary column or a Hugging Face ``Image`` struct with a ``bytes`` field), ``folder`` (``paths`` are
+    folders searched recursively for images with a same-stem ``caption_extension`` file beside them) or
+    ``prompts`` (prompts without images, for image-free training, ``method.use_image_free``: ``paths``
+    are ``.txt`` files, one prompt per line, ``.parquet`` files whose ``caption_column`` holds the
+    prompts, or folders searched recursively for both; blank prompts are skipped and counted as
+    ``empty_prompt``). A prompts source takes no image keys (``image_column``, ``ref_image_column``,
+    ``ref_suffix``); ``image_size`` still sets the size of the images the model learns to generate, so
+    the shape of the cache's placeholder latents (see ``twinflow.data.cache``).
 
     Edit data: a reference image per item, from ``ref_image_column`` (parquet) or, for folders, the file
     ``<stem><ref_suffix>.<image extension>`` beside the target image.
@@ -38,7 +44,7 @@ class DataConfig:
     paths: list[str]
     image_size: int = 512
     caption_column: str = "caption"
-    image_column: str = "image"
+    image_column: str | None = None
     ref_image_column: str | None = None
     ref_suffix: str | None = None
     image_extensions: list[str] = field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp", ".bmp"])
@@ -62,6 +68,15 @@ class DataConfig:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.use_cache and not self.cache_dir:
             raise ValueError("use_cache is true but cache_dir is not set")
+        if self.source == "prompts":
+            image_keys = [k for k in ("image_column", "ref_image_column", "ref_suffix") if getattr(self, k) is not None]
+            if image_keys:
+                raise ValueError(
+                    f"{', '.join('data.' + k for k in image_keys)} set, but data.source: prompts has no images; "
+                    "unset them (or use source parquet / folder for image data)"
+                )
+        elif self.image_column is None:
+            self.image_column = "image"
         if self.source == "parquet" and self.ref_suffix is not None:
             raise ValueError("ref_suffix is for folder sources; parquet uses ref_image_column")
         if self.source == "folder" and self.ref_image_column is not None:
@@ -74,3 +89,8 @@ class DataConfig:
     def has_reference(self) -> bool:
         """Whether items carry a reference image (edit training)."""
         return self.ref_image_column is not None or self.ref_suffix is not None
+
+    @property
+    def prompts_only(self) -> bool:
+        """Whether the items are prompts without images (``source: prompts``)."""
+        return self.source == "prompts"

@@ -3,7 +3,9 @@
 Reads the ``data``, ``encoder`` and (optional) ``precompute`` sections of the config file, and
 ``model.family`` (which backbone's ``encoder`` section and encoders; default as in training); other
 sections (the trainer's) are ignored, so the training config itself can be passed. Items are encoded in
-dataset order; skipped items are counted and reported, and recorded in the manifest.
+dataset order; skipped items are counted and reported, and recorded in the manifest. A prompts source
+(``data.source: prompts``) is encoded through the text encoders alone: no image is read and the VAE
+encodes nothing; the cache records the latent shape of ``data.image_size`` images instead of latents.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from tqdm import tqdm
 from twinflow.backbones.registry import backbone_spec, spec_for_encoder_config
 from twinflow.utils.typed_config import ConfigError, apply_overrides, from_dict, load_yaml
 
-from .batch import encode_raw_batch
+from .batch import encode_raw_batch, prompt_latent_shape
 from .cache import CacheWriter, cache_fingerprint
 from .config import DataConfig
 from .loader import iter_batches_in_order
@@ -70,6 +72,9 @@ def precompute_cache(
     dataset = build_raw_dataset(data)
     spec = spec_for_encoder_config(encoder)
     edit = spec.encoder_takes_reference(encoder)
+    if edit and data.prompts_only:
+        raise ConfigError(f"encoder.variant {encoder.variant!r} needs reference images, which data.source: prompts "
+                          "does not have; image-free training from prompts is for text-to-image models")
     if edit != dataset.has_reference:
         raise ConfigError(
             f"encoder.variant {encoder.variant!r} "
@@ -77,16 +82,17 @@ def precompute_cache(
                else "takes no reference image: unset data.ref_image_column / data.ref_suffix")
         )
     conditioner = spec.conditioner_from_config(encoder, options.device, given=conditioner)
+    latent_shape = prompt_latent_shape(conditioner, data.image_size) if data.prompts_only else None
     stats = DataStats()
     stats.update(dataset.scan_stats)
-    writer = CacheWriter(data.cache_dir, options.shard_size, data.cache_dtype)
+    writer = CacheWriter(data.cache_dir, options.shard_size, data.cache_dtype, prompts_only=data.prompts_only)
     try:
         with tqdm(total=len(dataset), desc="precompute", unit="item", disable=not progress) as bar:
             batches = iter_batches_in_order(
                 dataset, options.batch_size, stats, num_workers=data.num_workers, on_item=lambda: bar.update(1)
             )
             for raw in batches:
-                writer.add(encode_raw_batch(conditioner, raw), store_uncond_per_item=edit)
+                writer.add(encode_raw_batch(conditioner, raw, latent_shape=latent_shape), store_uncond_per_item=edit)
         if not edit:
             writer.set_unconditional(conditioner.encode_unconditional(1))
         manifest = writer.finish(cache_fingerprint(data, encoder), stats)

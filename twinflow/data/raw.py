@@ -1,4 +1,4 @@
-"""Raw image-caption datasets: Parquet shards and folders of image + caption files.
+"""Raw datasets: Parquet shards and folders of image + caption files, and prompts without images.
 
 An index of candidate items is built when the dataset is created (captions are read then, so a
 missing caption is known up front); images are decoded when an item is requested. An item that cannot
@@ -107,6 +107,24 @@ def _parquet_files(paths: list[str]) -> list[Path]:
     return files
 
 
+def _open_parquet(file: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(file)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{file} is not a readable Parquet file: {e}") from e
+
+
+def _caption_values(file: Path, handle: pq.ParquetFile, column: str) -> list[str | None]:
+    """Every row's value of the string column ``column`` (``data.caption_column``), nulls included."""
+    schema = handle.schema_arrow
+    if column not in schema.names:
+        raise DataError(f"{file}: column '{column}' (data.caption_column) not found; columns are {schema.names}")
+    kind = schema.field(column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise DataError(f"{file}: caption column '{column}' (data.caption_column) has type {kind}, expected string")
+    return handle.read(columns=[column]).column(0).to_pylist()
+
+
 def _is_binary(t: pa.DataType) -> bool:
     return pa.types.is_binary(t) or pa.types.is_large_binary(t)
 
@@ -154,15 +172,9 @@ class ParquetImageTextDataset(RawImageTextDataset):
 
     def _scan(self, number: int, file: Path) -> None:
         cfg = self.config
-        try:
-            handle = pq.ParquetFile(file)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"{file} is not a readable Parquet file: {e}") from e
+        handle = _open_parquet(file)
         schema = handle.schema_arrow
-        if cfg.caption_column not in schema.names:
-            raise DataError(f"{file}: column '{cfg.caption_column}' (data.caption_column) not found; columns are {schema.names}")
-        if not (pa.types.is_string(schema.field(cfg.caption_column).type) or pa.types.is_large_string(schema.field(cfg.caption_column).type)):
-            raise DataError(f"{file}: caption column '{cfg.caption_column}' has type {schema.field(cfg.caption_column).type}, expected string")
+        captions = _caption_values(file, handle, cfg.caption_column)
         _check_image_column(file, schema, cfg.image_column, "data.image_column")
         if cfg.ref_image_column is not None:
             _check_image_column(file, schema, cfg.ref_image_column, "data.ref_image_column")
@@ -171,7 +183,6 @@ class ParquetImageTextDataset(RawImageTextDataset):
             starts.append(total)
             total += handle.metadata.row_group(group).num_rows
         self._group_starts.append(starts)
-        captions = handle.read(columns=[cfg.caption_column]).column(0).to_pylist()
         for row, caption in enumerate(captions):
             if caption is None or not caption.strip():
                 self.scan_stats.record(SkipReason.MISSING_CAPTION, f"{file}#{row}")
@@ -298,10 +309,109 @@ def _read_caption(file: Path | None) -> str | None:
     return text or None
 
 
+# ---------------------------------------------------------------------------------------------- prompts
+PROMPT_FILE_SUFFIXES = (".txt", ".parquet")
+
+
+@dataclass
+class PromptItem:
+    """One prompt of a prompts source (no image)."""
+
+    index: int
+    key: str
+    caption: str
+
+
+def _prompt_files(paths: list[str], stats: DataStats) -> list[Path]:
+    """The ``.txt`` / ``.parquet`` files ``paths`` name, folders searched recursively (hidden names
+    ignored; any other file in a folder is counted as UNSUPPORTED_FILE)."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = []
+            for dirpath, dirnames, filenames in os.walk(path):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                for name in sorted(n for n in filenames if not n.startswith(".")):
+                    file = Path(dirpath) / name
+                    if file.suffix.lower() in PROMPT_FILE_SUFFIXES:
+                        found.append(file)
+                    else:
+                        stats.record(SkipReason.UNSUPPORTED_FILE, str(file))
+            if not found:
+                raise DataError(f"data.paths: folder {path} contains no .txt or .parquet file (data.source: prompts)")
+            files.extend(found)
+        elif path.is_file():
+            if path.suffix.lower() not in PROMPT_FILE_SUFFIXES:
+                raise DataError(f"data.paths: {path} is neither a .txt nor a .parquet file (data.source: prompts)")
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"data.paths: {path} does not exist")
+    return files
+
+
+def _text_lines(file: Path) -> list[str]:
+    """The lines of a UTF-8 text file (a byte-order mark dropped; a final newline ends the last line)."""
+    try:
+        text = file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"data.paths: {file} is not UTF-8 text: {e}") from e
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+class PromptDataset(RawImageTextDataset):
+    """Prompts without images (``data.source: prompts``), for image-free training.
+
+    ``.txt`` files hold one prompt per line (key ``<file>:<line>``, 1-based); ``.parquet`` files one per
+    row of ``data.caption_column`` (key ``<file>#<row>``). Prompts are stripped; a blank one is counted
+    as EMPTY_PROMPT. ``dataset[i]`` is a :class:`PromptItem`; batches are :class:`RawBatch` es without
+    pixels (``pixels is None``).
+    """
+
+    def __init__(self, config: DataConfig) -> None:
+        super().__init__(config)
+        self._items: list[tuple[str, str]] = []  # (key, prompt)
+        for file in _prompt_files(config.paths, self.scan_stats):
+            if file.suffix.lower() == ".txt":
+                values = [(f"{file}:{n}", line) for n, line in enumerate(_text_lines(file), start=1)]
+            else:
+                captions = _caption_values(file, _open_parquet(file), config.caption_column)
+                values = [(f"{file}#{row}", caption) for row, caption in enumerate(captions)]
+            for key, value in values:
+                prompt = (value or "").strip()
+                if prompt:
+                    self._items.append((key, prompt))
+                else:
+                    self.scan_stats.record(SkipReason.EMPTY_PROMPT, key)
+        self._check_not_empty(", ".join(config.paths))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int) -> PromptItem:
+        key, prompt = self._items[index]
+        return PromptItem(index, key, prompt)
+
+    @staticmethod
+    def collate(samples: list[PromptItem]) -> RawBatch:  # type: ignore[override]
+        return RawBatch(
+            pixels=None,
+            captions=[s.caption for s in samples],
+            ref_pixels=None,
+            indices=[s.index for s in samples],
+            keys=[s.key for s in samples],
+        )
+
+
 def build_raw_dataset(config: DataConfig) -> RawImageTextDataset:
     """The raw dataset for ``config.source``."""
     if config.source == "parquet":
         return ParquetImageTextDataset(config)
     if config.source == "folder":
         return FolderImageTextDataset(config)
+    if config.source == "prompts":
+        return PromptDataset(config)
     raise DataError(f"data.source: unknown source kind {config.source!r}")

@@ -22,6 +22,7 @@ class SkipReason(str, Enum):
     UNSUPPORTED_FILE = "unsupported_file"  # folder source: neither an image nor a caption file
     MISSING_REFERENCE = "missing_reference"  # edit data without its reference image
     CORRUPT_REFERENCE = "corrupt_reference"  # reference image that fails to decode
+    EMPTY_PROMPT = "empty_prompt"  # prompts source: a blank line of a .txt file / a null or blank cell
 
 
 class DataError(RuntimeError):

@@ -38,7 +38,7 @@ from twinflow.method.groups import split_batch
 from twinflow.sampling.config import SAMPLER_PRESETS
 from twinflow.utils.typed_config import ConfigError, load_config, to_dict
 
-from .data import SyntheticDataConfig
+from .data import SyntheticDataConfig, check_prompts_only_data
 
 KernelChoice = Literal["triton", "eager", "auto"]
 
@@ -252,6 +252,7 @@ class TrainConfig:
             raise ConfigError("exactly one of config sections 'data' and 'synthetic_data' must be set")
         self._check_precision()
         self._check_edit()
+        self._check_image_free()
         self._propagate_kernels()
         self._check_batch_split()
         self._check_data_shapes()
@@ -273,6 +274,10 @@ class TrainConfig:
                 f"config key 'model.edit' is {self.model.edit} but the data {'has' if with_reference else 'has no'} "
                 f"reference images ({source}); an edit model trains on (reference, target) pairs and only it"
             )
+
+    def _check_image_free(self) -> None:
+        if self.data is not None and self.data.prompts_only:
+            check_prompts_only_data(self.method.use_image_free)
 
     def _propagate_kernels(self) -> None:
         """``kernels`` is the one switch. The objective and the EMA take it as given (their ``auto``

@@ -111,13 +111,26 @@ class SyntheticDataset(torch.utils.data.Dataset):
         )
 
 
+def check_prompts_only_data(use_image_free: bool) -> None:
+    """:class:`ConfigError` unless ``method.use_image_free``: data of prompts without images
+    (``data.source: prompts``, a prompts-only cache) has placeholder latents that only the image-free
+    objective, which trains on the model's own samples, may be given."""
+    if not use_image_free:
+        raise ConfigError(
+            "config key 'data.source' is 'prompts' (a cache of prompts without images, whose latents are "
+            "placeholders) but method.use_image_free is false: set method.use_image_free: true to train on "
+            "the model's own one-step samples, or give image data"
+        )
+
+
 def build_loader(
     data: Any, synthetic: SyntheticDataConfig | None, micro_batch_size: int, rank: int, world_size: int,
-    *, family: str | None = None,
+    *, family: str | None = None, image_free: bool = False,
 ) -> ResumableLoader:
     """The loader of this rank's micro batches, from the cache (``data``, checked against its settings;
     the cache's skipped-item counts are carried into ``loader.stats``) or ``synthetic`` (conditions of
-    backbone ``family``)."""
+    backbone ``family``). A cache of prompts without images needs ``image_free``
+    (``method.use_image_free``): its latents are placeholders."""
     if synthetic is not None:
         dataset = SyntheticDataset(synthetic, family)
         return ResumableLoader(dataset, micro_batch_size, seed=synthetic.seed, shuffle=synthetic.shuffle,
@@ -127,6 +140,8 @@ def build_loader(
     # The cache must have been built from these data settings (TrainConfig.check_inputs checked it before
     # any rank started; checked again here for configs built in code).
     dataset = CachedDataset(data.cache_dir, data_fingerprint(data))
+    if dataset.prompts_only:
+        check_prompts_only_data(image_free)
     loader = ResumableLoader(dataset, micro_batch_size, seed=data.seed, shuffle=data.shuffle,
                              rank=rank, world_size=world_size, num_workers=data.num_workers)
     loader.stats.carry(dataset.skipped_at_precompute)  # what the precompute skipped stays in the run's counts
