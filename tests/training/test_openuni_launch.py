@@ -3,7 +3,8 @@ head, DC-AE, SANA) and a tiny raw dataset -> ``python -m twinflow.data.precomput
 latents) -> ``deepspeed --module twinflow.train`` (ZeRO-3, the queries/connector/projector trained with SANA
 through the frozen LLM, EMA teacher) -> resume from the middle with equal losses -> ``twinflow export`` ->
 ``from_pretrained`` -> ``twinflow sample`` at 1, 2, 4 and 30 NFE. The same for LoRA (peft on SANA, the
-EMA adapter, the head frozen).
+EMA adapter, the head frozen) and for image-free training (a prompts-only text file, no images: every batch is
+the model's own one-step samples; the reference's imgfree values, a frozen teacher and enhanced_ratio 4).
 
 Two launches per mode (a straight run and a resumed one), ~30-60 s each here.
 """
@@ -24,6 +25,7 @@ TINY = REPO / "configs" / "tiny_cpu_openuni.yaml"
 PRESETS = ["one_step", "few_step", "any_step", "multi_step"]  # 1, 2, 4 and 30 NFE
 LORA = ["model.lora.enabled=true", "model.lora.rank=4", "model.lora.alpha=4.0", "model.train_query_head=false",
         "method.ema_decay_rate=0.9"]
+IMAGE_FREE = ["method.use_image_free=true", "method.ema_decay_rate=1.0", "method.enhanced_ratio=4.0"]
 pytestmark = pytest.mark.distributed
 
 
@@ -58,6 +60,17 @@ def cache(tmp_path_factory) -> tuple[Path, Path, dict]:
     data = {"source": "parquet", "paths": [str(root / "raw")], "image_size": 16, "use_cache": True,
             "cache_dir": str(root / "cache"), "cache_dtype": "float32"}
     _precompute(root, model, data, "precompute")
+    return root, model, data
+
+
+@pytest.fixture(scope="module")
+def prompts_cache(cache) -> tuple[Path, Path, dict]:
+    """A prompts-only cache of the same tiny model: a text file of prompts, no images."""
+    root, model, _ = cache
+    (root / "prompts.txt").write_text("".join(f"a drawing of thing {i}\n" for i in range(8)) + "\n")
+    data = {"source": "prompts", "paths": [str(root / "prompts.txt")], "image_size": 16, "use_cache": True,
+            "cache_dir": str(root / "prompts_cache"), "cache_dtype": "float32"}
+    _precompute(root, model, data, "precompute_prompts")
     return root, model, data
 
 
@@ -101,18 +114,24 @@ def lora(cache) -> dict:
     return _mode(cache, "lora", LORA, ["--merge-lora"])
 
 
+@pytest.fixture(scope="module")
+def image_free(prompts_cache) -> dict:
+    # A frozen teacher keeps no EMA: the export is the online weights.
+    return _mode(prompts_cache, "image_free", IMAGE_FREE, ["--weights", "online"])
+
+
 def _check_resume(run: dict) -> None:
     assert sorted(run["straight"]) == [1, 2, 3, 4] and sorted(run["resumed"]) == [3, 4]
     for step, values in run["resumed"].items():
         assert values[0] == pytest.approx(run["straight"][step][0], rel=1e-5, abs=1e-6), step
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("mode", ["full", "lora", "image_free"])
 def test_resumed_run_reproduces_the_straight_runs_losses(mode, request):
     _check_resume(request.getfixturevalue(mode))
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("mode", ["full", "lora", "image_free"])
 def test_export_loads_with_from_pretrained_and_samples_at_every_preset(mode, request):
     from twinflow.backbones.openuni.query_head import OpenUniQueryHead
     from twinflow.backbones.openuni.transformer import TwinFlowSanaTransformer
@@ -125,7 +144,7 @@ def test_export_loads_with_from_pretrained_and_samples_at_every_preset(mode, req
     start = OpenUniQueryHead.from_pretrained(run["model"] / "query_head")
     moved = not torch.equal(head.meta_queries, start.meta_queries)
     # Full runs train the queries (through the frozen LLM); LoRA runs keep the head as it was.
-    assert moved == (mode == "full")
+    assert moved == (mode != "lora")
     assert len(run["samples"]) == len(PRESETS), run["samples"]
     if mode == "lora":
         assert (run["export"] / "lora" / "pytorch_lora_weights.safetensors").is_file()

@@ -179,7 +179,8 @@ class Trainer:
         self.objective = TwinFlowObjective(config.method)
         self._layout = export_layout(self.backbone, self.optimizer)
         self.loader = build_loader(config.data, config.synthetic_data, config.train.micro_batch_size,
-                                   self.dist.rank, self.dist.world_size, family=config.model.family)
+                                   self.dist.rank, self.dist.world_size, family=config.model.family,
+                                   image_free=config.method.use_image_free)
         self.store = CheckpointStore(checkpoints_root(config.output_dir), self.dist.rank, self.dist.world_size,
                                      config.train.keep_last, fault_after_rank_files=self._save_fault,
                                      fault_in_commit=self._commit_fault, fault_in_prune=self._prune_fault)
