@@ -7,27 +7,17 @@ Four launches in all (a straight run and a resumed one per mode), ~30-60 s each 
 """
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from test_distributed import ENV, _losses, _tail, launch
+from launch_helpers import PRESETS, REPO, check_resume, run_module, train_resume_export_sample
 
-REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny_cpu_z_image.yaml"
-PRESETS = ["one_step", "few_step", "any_step", "multi_step"]  # 1, 2, 4 and 30 NFE
 LORA = ["model.lora.enabled=true", "model.lora.rank=4", "model.lora.alpha=4.0", "method.ema_decay_rate=0.9"]
 pytestmark = pytest.mark.distributed
-
-
-def _run(args: list[str], log: Path) -> None:
-    with open(log, "w") as f:
-        rc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=ENV, stdout=f, stderr=subprocess.STDOUT,
-                            timeout=900).returncode
-    assert rc == 0, _tail(log)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +38,7 @@ def cache(tmp_path_factory) -> tuple[Path, dict]:
            "encoder": {"model_path": str(encoders), "max_sequence_length": 32, "text_encoder_dtype": "float32",
                        "vae_dtype": "float32"}}
     (root / "precompute.yaml").write_text(yaml.safe_dump(job))
-    _run(["twinflow.data.precompute", "--config", str(root / "precompute.yaml"), "--no-progress"], root / "precompute.log")
+    run_module(["twinflow.data.precompute", "--config", str(root / "precompute.yaml"), "--no-progress"], root / "precompute.log")
     return root, data
 
 
@@ -73,20 +63,8 @@ def _mode(cache, name: str, overrides: list[str], export_args: list[str]) -> dic
     root, data = cache
     out = root / name
     out.mkdir()
-    config = str(_train_config(root, data, name, pretrained=bool(export_args)))
-    base = ["--module", "twinflow.train", "--config", config, *overrides]
-    assert launch(base + [f"train.output_dir={out / 'straight'}"], out / "straight.log") == 0, _tail(out / "straight.log")
-    resume = out / "straight" / "checkpoints" / "step_00000002"
-    assert launch(base + [f"train.output_dir={out / 'resumed'}", f"train.resume={resume}"], out / "resumed.log") == 0, \
-        _tail(out / "resumed.log")
-    export = out / "export"
-    _run(["twinflow.cli", "export", "--checkpoint", str(out / "straight" / "checkpoints" / "step_00000004"),
-          "--out", str(export), *export_args], out / "export.log")
-    samples = out / "samples"
-    _run(["twinflow.cli", "sample", "--model", str(export), "--prompt", "a red cat", "--height", "32", "--device", "cpu",
-          "--output", str(samples), *[a for p in PRESETS for a in ("--preset", p)]], out / "sample.log")
-    return {"straight": _losses(out / "straight" / "metrics.jsonl"), "resumed": _losses(out / "resumed" / "metrics.jsonl"),
-            "export": export, "samples": sorted(p.name for p in samples.glob("*.png"))}
+    config = _train_config(root, data, name, pretrained=bool(export_args))
+    return train_resume_export_sample(config, out, overrides, export_args, height=32)
 
 
 @pytest.fixture(scope="module")
@@ -99,15 +77,9 @@ def lora(cache) -> dict:
     return _mode(cache, "lora", LORA, ["--merge-lora"])
 
 
-def _check_resume(run: dict) -> None:
-    assert sorted(run["straight"]) == [1, 2, 3, 4] and sorted(run["resumed"]) == [3, 4]
-    for step, values in run["resumed"].items():
-        assert values[0] == pytest.approx(run["straight"][step][0], rel=1e-5, abs=1e-6), step
-
-
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_resumed_run_reproduces_the_straight_runs_losses(mode, request):
-    _check_resume(request.getfixturevalue(mode))
+    check_resume(request.getfixturevalue(mode))
 
 
 @pytest.mark.parametrize("mode,folder", [("full", ""), ("lora", "transformer")])
