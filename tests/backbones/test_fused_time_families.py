@@ -1,5 +1,6 @@
-"""SD3.5 and Z-Image with ``kernels="triton"`` (the fused dual-time embedding under their ``SD35`` /
-``Z_IMAGE`` rule) against ``kernels="eager"`` (their own combine), on tiny models, forward and gradients.
+"""SD3.5, Z-Image and SANA (OpenUni) with ``kernels="triton"`` (the fused dual-time embedding under their
+``SD35`` / ``Z_IMAGE`` / ``SANA`` rule) against ``kernels="eager"`` (their own combine), on tiny models,
+forward and gradients.
 
 The check is split where the two models differ, as Qwen-Image's (test_qwen_transformer.py):
 
@@ -15,11 +16,20 @@ The check is split where the two models differ, as Qwen-Image's (test_qwen_trans
    ``max|fused - eager| / max|eager| <= 4 sqrt(K) u``, K the summed length of the dots an output passes
    through: the 256 sinusoid channels and the hidden width H for the embedding, plus the output width
    D and the batch B for a weight gradient, plus the pooled width for SD3's text projections (one
-   more dot, over its input). A wrong weight, a dropped term or a missing extra input moves a value
-   by O(1) of its scale, orders of magnitude above this (about 1e-4 here).
+   more dot, over its input). SANA's embedding has two outputs: the embedded timestep (K = 256 + H)
+   and the modulation ``linear(silu(emb_i))``, computed by the same torch op on the kernel's ``emb_i``
+   (one more dot, over D: K = 256 + H + D); the gradient reaching the embedders through the
+   modulation passes that linear backwards (a dot over its 6D outputs), so every SANA time-embedder
+   gradient gets K = 256 + H + D + B + 6D. A wrong weight, a dropped term or a missing extra input
+   moves a value by O(1) of its scale, orders of magnitude above this (about 1e-4 here).
+
+SANA also keeps its identity with diffusers at ``t == tt`` under the kernel: the fused model's output
+is bitwise diffusers' ``SanaTransformer2DModel`` given the kernel's ``emb_1`` as its timestep MLP output,
+whatever ``time_embed_2`` holds, and that ``emb_1`` is diffusers' own within the bound above.
 """
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -27,6 +37,10 @@ import torch
 
 import sd35_helpers
 import z_image_helpers
+from openuni_helpers import plain_sana, sana_inputs, signed_timesteps, twin_sana
+from qwen_helpers import randomize_
+from twinflow.backbones.openuni.tiny import tiny_transformer_config as sana_config
+from twinflow.backbones.openuni.transformer import FUSED_TIME_LINEARS, TwinFlowSanaTransformer
 from twinflow.backbones.sd35.transformer import TwinFlowSD3Transformer
 from twinflow.backbones.z_image.transformer import TwinFlowZImageTransformer
 
@@ -52,43 +66,50 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def intercept(model, replace=None):
-    """Record each call of ``model._dual_time_embedding`` (its output keeps its gradient); with
-    ``replace``, the model continues with that leaf instead of its own embedding."""
+    """Record each call of ``model._dual_time_embedding`` as a tuple of its outputs (one tensor, or
+    SANA's modulation and embedded timestep), which keep their gradients; with ``replace`` (a tuple of
+    leaves), the model continues with those instead of its own embedding."""
     record, real = {}, model._dual_time_embedding
 
     def embedding(*args):
-        record["temb"] = out = real(*args)
+        out = real(*args)
+        record["temb"] = out if isinstance(out, tuple) else (out,)
         if replace is None:
-            out.retain_grad()
+            for x in record["temb"]:
+                x.retain_grad()
             return out
-        return replace
+        return replace if isinstance(out, tuple) else replace[0]
 
     model._dual_time_embedding = embedding
     return record
 
 
-def compare(eager, fused, run, params, hidden: int, width: int, batch: int, pooled: int = 0):
+def compare(eager, fused, run, params, embedding_reductions: tuple[int, ...], param_reduction):
     """Parts 1 and 2 of the module docstring for one family; ``run(model)`` returns the loss and the
-    output, ``params`` the names of the parameters whose gradients are compared (K per name)."""
+    output, ``params`` the names of the parameters whose gradients are compared, with the K of each
+    embedding output in ``embedding_reductions`` and ``param_reduction(name)`` the K of a gradient."""
     fused_record = intercept(fused)
     loss_f, out_f = run(fused)
     loss_f.backward()
-    temb_f, grad_temb = fused_record["temb"], fused_record["temb"].grad
-    leaf = temb_f.detach().clone().requires_grad_()
-    eager_record = intercept(eager, replace=leaf)
+    temb_f = fused_record["temb"]
+    grads = tuple(x.grad for x in temb_f)
+    leaves = tuple(x.detach().clone().requires_grad_() for x in temb_f)
+    eager_record = intercept(eager, replace=leaves)
     loss_e, out_e = run(eager)
     loss_e.backward()
     # 1. After the embedding: the same computation, bit for bit, both ways.
-    assert torch.equal(out_e, out_f) and torch.equal(leaf.grad, grad_temb)
+    assert torch.equal(out_e, out_f)
+    assert all(torch.equal(leaf.grad, grad) for leaf, grad in zip(leaves, grads))
     # 2. The embedding, and the embedders' weight gradients seeded with the same gradient.
     temb_e = eager_record["temb"]
-    assert rel_err(temb_f, temb_e) <= tolerance(SINUSOID + hidden)
-    torch.autograd.backward(temb_e, grad_temb.to(temb_e.dtype))
+    assert len(temb_e) == len(temb_f) == len(embedding_reductions)
+    for out_fused, out_eager, reduction in zip(temb_f, temb_e, embedding_reductions):
+        assert rel_err(out_fused, out_eager) <= tolerance(reduction)
+    torch.autograd.backward(temb_e, tuple(grad.to(x.dtype) for grad, x in zip(grads, temb_e)))
     got, want = dict(fused.named_parameters()), dict(eager.named_parameters())
     for name in params:
-        reduction = SINUSOID + hidden + width + batch + (pooled if "text_embedder" in name else 0)
         assert want[name].grad is not None and want[name].grad.abs().max() > 0, name
-        assert rel_err(got[name].grad, want[name].grad) <= tolerance(reduction), name
+        assert rel_err(got[name].grad, want[name].grad) <= tolerance(param_reduction(name)), name
 
 
 def fused_copy(eager, cls, config, rule: str):
@@ -114,9 +135,10 @@ def test_sd35_triton_matches_eager():
     params = [n for n, _ in eager.named_parameters() if n.startswith(("time_text_embed.", "time_text_embed_2."))]
     assert any("text_embedder" in n for n in params)
     emb = eager.time_text_embed
-    compare(eager, fused, run, params, hidden=emb.timestep_embedder.linear_1.out_features,
-            width=emb.timestep_embedder.linear_2.out_features, batch=len(t),
-            pooled=sd35_helpers.CFG["pooled_projection_dim"])
+    hidden, width = emb.timestep_embedder.linear_1.out_features, emb.timestep_embedder.linear_2.out_features
+    pooled = sd35_helpers.CFG["pooled_projection_dim"]
+    compare(eager, fused, run, params, (SINUSOID + hidden,),
+            lambda name: SINUSOID + hidden + width + len(t) + (pooled if "text_embedder" in name else 0))
 
 
 def test_z_image_triton_matches_eager():
@@ -134,7 +156,92 @@ def test_z_image_triton_matches_eager():
 
     params = [n for n, _ in eager.named_parameters() if n.startswith(("t_embedder.", "t_embedder_2."))]
     mlp = eager.t_embedder.mlp
-    compare(eager, fused, run, params, hidden=mlp[0].out_features, width=mlp[2].out_features, batch=len(t))
+    hidden, width = mlp[0].out_features, mlp[2].out_features
+    compare(eager, fused, run, params, (SINUSOID + hidden,), lambda name: SINUSOID + hidden + width + len(t))
+
+
+def sana_fused(seed: int = 7):
+    """A tiny eager TwinFlow SANA with random weights (``time_embed_2`` far from its initialisation) and
+    its ``kernels="triton"`` copy."""
+    eager = twin_sana(seed=seed)
+    return eager, fused_copy(eager, TwinFlowSanaTransformer, sana_config(), "sana")
+
+
+def compare_sana(eager, fused, params, rank: int = 0):
+    """:func:`compare` on SANA's dual-time forward (rows with tt = t / 2, t, 0). K (module docstring):
+    the embedded timestep 256 + H; the modulation 256 + H + D (plus a LoRA ``rank`` on its linear);
+    a gradient 256 + H + D + B + 6D."""
+    t, kw = signed_timesteps(), sana_inputs()
+    tt = t * torch.tensor([0.5, 1.0, 0.0])
+    with torch.no_grad():
+        weight = torch.randn_like(eager(timestep=t, **kw)[0])
+
+    def run(model):
+        out = model(timestep=t, target_timestep=tt, **kw)[0]
+        return (out * weight).sum(), out.detach()
+
+    mlp = eager.time_embed.emb.timestep_embedder
+    hidden, width = mlp.linear_1.out_features, mlp.linear_2.out_features
+    modulation = eager.time_embed.linear.out_features  # 6 D
+    compare(eager, fused, run, params, (SINUSOID + hidden + width + rank, SINUSOID + hidden),
+            lambda name: SINUSOID + hidden + width + len(t) + modulation)
+
+
+def test_sana_triton_matches_eager():
+    eager, fused = sana_fused()
+    params = [n for n, _ in eager.named_parameters() if n.startswith(("time_embed.", "time_embed_2."))]
+    assert {n.rsplit(".", 1)[0] for n in params} == {*FUSED_TIME_LINEARS, "time_embed.linear", "time_embed_2.linear"}
+    compare_sana(eager, fused, params)
+
+
+def test_sana_lora_on_the_modulation_is_compatible_with_the_kernel():
+    """``FUSED_TIME_LINEARS``: LoRA on the modulation linears (called as modules on the kernel's
+    embeddings) runs under the kernel and matches eager (the modulation passes one more dot, over the
+    LoRA rank); LoRA on one of the linears the kernel reads is refused when the kernel binds."""
+    from peft import LoraConfig
+
+    rank = 2
+    eager, fused = sana_fused()
+    lora = dict(r=rank, lora_alpha=rank, target_modules=["time_embed.linear", "time_embed_2.linear"])
+    for model in (eager, fused):
+        model.add_adapter(LoraConfig(**lora))  # freezes the rest: train the embedders too, to compare them
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.startswith(("time_embed.", "time_embed_2.")))
+    randomize_(eager, seed=5, scale=0.1)  # lora_B starts at zero: make the adapters matter
+    fused.load_state_dict(eager.state_dict())
+    fused.bind_fused_time_embedding()  # as the shared add_lora does after peft
+    params = [n for n, p in eager.named_parameters() if p.requires_grad]
+    assert sum("lora_" in n for n in params) == 4 and len(params) == 16
+    compare_sana(eager, fused, params, rank)
+    for name in FUSED_TIME_LINEARS:
+        model = TwinFlowSanaTransformer(**sana_config(), kernels="triton")
+        model.add_adapter(LoraConfig(r=rank, target_modules=[name]))
+        with pytest.raises(TypeError, match="not a plain nn.Linear"):
+            model.bind_fused_time_embedding()
+
+
+@torch.no_grad()
+def test_sana_triton_at_equal_times_is_plain_diffusers():
+    _, fused = sana_fused()
+    plain = plain_sana(fused)
+    t, kw = signed_timesteps(), sana_inputs()
+    parts = []
+    fused.fused_time_embed.register_forward_hook(lambda module, args, out: parts.append(out[1][0]))
+    out = fused(timestep=t, target_timestep=t, **kw)[0]
+    assert len(parts) == 1
+    # The fused model is diffusers' SANA given the kernel's emb_1 as its timestep MLP's output ...
+    emb_1 = parts[0]
+    hook = plain.time_embed.emb.register_forward_hook(lambda module, args, out: emb_1)
+    assert torch.equal(out, plain(timestep=t, **kw)[0])
+    hook.remove()
+    # ... and that emb_1 is diffusers' own timestep MLP's within the kernel's bound.
+    want = plain.time_embed.emb(t, None, None, batch_size=len(t), hidden_dtype=torch.float32)
+    hidden = plain.time_embed.emb.timestep_embedder.linear_1.out_features
+    assert rel_err(emb_1, want) <= tolerance(SINUSOID + hidden)
+    # Whatever time_embed_2 holds; and without a target time the fused model is diffusers' model.
+    randomize_(fused.time_embed_2, seed=11, scale=3.0)
+    assert torch.equal(fused(timestep=t, target_timestep=t, **kw)[0], out)
+    assert torch.equal(fused(timestep=t, **kw)[0], plain(timestep=t, **kw)[0])
 
 
 def test_kernels_choice_is_not_saved_and_eager_is_the_default(tmp_path):
@@ -147,4 +254,34 @@ def test_kernels_choice_is_not_saved_and_eager_is_the_default(tmp_path):
     with pytest.raises(ValueError, match="kernels"):
         TwinFlowSD3Transformer(**sd35_helpers.CFG, kernels="cuda")
     single = TwinFlowSD3Transformer(**sd35_helpers.CFG, twin_embedder=False, kernels="triton")
+    assert getattr(single, "fused_time_embed", None) is None  # nothing to fuse: eager
+
+
+def test_sana_kernels_choice_is_not_saved_and_old_configs_load(tmp_path):
+    """As for SD3.5 and Z-Image; and a folder saved when ``kernels`` was a SANA config key (always
+    ``"eager"``) still loads, as an eager model with the same weights."""
+    model = twin_sana(seed=3)
+    model.use_kernels("triton")
+    assert "kernels" not in model.config and model.fused_time_embed.rule.name == "sana"
+    assert not hasattr(TwinFlowSanaTransformer(**sana_config()), "fused_time_embed")
+    model.save_pretrained(tmp_path)
+    config_path = tmp_path / "config.json"
+    config = json.loads(config_path.read_text())
+    assert "kernels" not in config
+    config_path.write_text(json.dumps({**config, "kernels": "eager"}))  # what the previous code saved
+    loaded = TwinFlowSanaTransformer.from_pretrained(tmp_path)
+    assert loaded.kernels == "eager" and "kernels" not in loaded.config
+    assert getattr(loaded, "fused_time_embed", None) is None
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    loaded.use_kernels("triton")
+    assert loaded.fused_time_embed.rule.name == "sana"
+    loaded.save_pretrained(tmp_path / "again")  # the old key is not carried into a new folder
+    assert "kernels" not in json.loads((tmp_path / "again" / "config.json").read_text())
+    config_path.write_text(json.dumps({**config, "kernels": "triton"}))  # no code wrote this: refused
+    with pytest.raises(ValueError, match="config.json key 'kernels'"):
+        TwinFlowSanaTransformer.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="kernels"):
+        TwinFlowSanaTransformer(**sana_config(), kernels="cuda")
+    single = TwinFlowSanaTransformer(**sana_config(), twin_embedder=False, kernels="triton")
     assert getattr(single, "fused_time_embed", None) is None  # nothing to fuse: eager

@@ -64,8 +64,8 @@ def test_single_embedder_mode_feeds_t_minus_half_tt():
 
 
 def test_rejects_what_it_does_not_implement():
-    with pytest.raises(ValueError, match="kernels"):
-        TwinFlowSanaTransformer(**tiny_transformer_config(), kernels="triton")
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        TwinFlowSanaTransformer(**tiny_transformer_config(), kernels="cuda")
     with pytest.raises(ValueError, match="guidance_embeds"):
         TwinFlowSanaTransformer(**tiny_transformer_config(), guidance_embeds=True)
     model = build_tiny_transformer()

@@ -17,10 +17,17 @@ runs unchanged. The parent hands ``timestep`` untouched to ``self.time_embed``; 
 travels in its place and our ``time_embed`` (a subclass of diffusers' module, same parameters and keys)
 hands the computation back to the model. Nothing is stored between calls. At ``t == tt`` the extra term
 is ``out_2 * 0``, so the output equals diffusers' bit for bit, whatever ``time_embed_2`` holds.
+
+``kernels="triton"`` (:class:`~..dual_time.FusedTimeEmbedding`, not saved in ``config.json``): the fused
+kernel computes both embedded timesteps ``emb_i`` (the timestep MLPs, ``time_embed.emb`` and
+``time_embed_2.emb``) and their combine under its ``SANA`` rule, and returns ``emb_1``, ``emb_2`` too;
+the modulation ``linear(silu(emb_i))`` runs here through each embedder's own ``linear`` (a 6D x D
+product, left to cuBLAS, and free to carry LoRA) and combines with the same coefficient as in eager
+mode. At ``t == tt`` the fused outputs are the kernel's ``emb_1`` and ``linear(silu(emb_1))`` exactly;
+``emb_1`` equals diffusers' timestep MLP up to float32 summation order (the kernel tests' bound).
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,17 +37,21 @@ from diffusers.models.normalization import AdaLayerNormSingle
 from diffusers.models.transformers.sana_transformer import SanaTransformer2DModel
 from torch import nn
 
+from twinflow.kernels.dual_time_rule import SANA, CombineRule
 from twinflow.utils.partitioned import gathered
-from twinflow.backbones.dual_time import load_with_twin_embedder
+from twinflow.backbones.dual_time import KERNEL_CHOICES  # noqa: F401 (the choices, as this module's name)
+from twinflow.backbones.dual_time import FusedTimeEmbedding, load_with_twin_embedder, parent_arguments
 
-KERNEL_CHOICES = ("eager",)
 TIME_EMBED_2 = "time_embed_2"
 TWIN_PREFIX = TIME_EMBED_2 + "."
+FUSED_TIME_LINEARS: tuple[str, ...] = tuple(
+    f"{name}.emb.timestep_embedder.linear_{i}" for name in ("time_embed", TIME_EMBED_2) for i in (1, 2))
+"""The linears whose weights ``kernels="triton"`` reads directly (LoRA must not wrap them; see
+``check_fused_lora``): both embedders' timestep MLPs. The modulation linears ``time_embed.linear`` and
+``time_embed_2.linear`` are called as modules on the kernel's outputs, so LoRA on them is compatible."""
 TIME_SCALE = 1000.0
 """SANA's timesteps are ``1000 t``; the coefficient ``(T - TT) / TIME_SCALE`` is ``t - tt``."""
 TIME_EMBED_2_STD = 0.02
-
-_SANA_ARGUMENTS = [name for name in inspect.signature(SanaTransformer2DModel.__init__).parameters if name != "self"]
 
 
 @dataclass(frozen=True)
@@ -78,12 +89,16 @@ def init_time_embed_2_(module: nn.Module, std: float = TIME_EMBED_2_STD) -> None
                 linear.bias.zero_()
 
 
-class TwinFlowSanaTransformer(SanaTransformer2DModel):
+class TwinFlowSanaTransformer(FusedTimeEmbedding, SanaTransformer2DModel):
     """``SanaTransformer2DModel`` plus ``time_embed_2`` and a ``target_timestep`` input.
 
-    Extra config keys (saved in ``config.json``): ``twin_embedder`` and ``kernels`` (only ``"eager"``:
-    the fused dual-time kernel does not cover SANA's two-output rule yet).
+    Extra config key: ``twin_embedder``. ``kernels`` (``"eager"`` | ``"triton"``, not saved: see
+    :class:`~..dual_time.FusedTimeEmbedding`; a ``config.json`` written while it was saved, always
+    ``"eager"``, still loads, see :meth:`extract_init_dict`): the fused kernel under its ``SANA`` rule.
+    Single-embedder mode has nothing to fuse and stays eager.
     """
+
+    embedder_names = ("time_embed", TIME_EMBED_2)
 
     @register_to_config
     def __init__(
@@ -112,18 +127,32 @@ class TwinFlowSanaTransformer(SanaTransformer2DModel):
         twin_embedder: bool = True,
         kernels: str = "eager",
     ) -> None:
-        if kernels not in KERNEL_CHOICES:
-            raise ValueError(f"kernels must be one of {KERNEL_CHOICES} for SANA, got {kernels!r}")
         if guidance_embeds:
             raise ValueError("TwinFlowSanaTransformer does not support guidance_embeds=True")
         # Every argument but the two TwinFlow keys goes to diffusers' SANA unchanged.
-        arguments = locals()
-        super().__init__(**{name: arguments[name] for name in _SANA_ARGUMENTS})
+        super().__init__(**parent_arguments(SanaTransformer2DModel, locals()))
         inner_dim = num_attention_heads * attention_head_dim
         self.time_embed = DualTimeAwareAdaLayerNormSingle(inner_dim)
         if twin_embedder:
             self.time_embed_2 = AdaLayerNormSingle(inner_dim)
             init_time_embed_2_(self.time_embed_2)
+        self.use_kernels(kernels)
+
+    def fused_rule(self) -> CombineRule:
+        return SANA
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """diffusers' reading of a configuration, minus the ``"kernels": "eager"`` this class wrote to
+        ``config.json`` while the choice was a config key (kept, diffusers would warn about it and
+        carry it into the next saved ``config.json``). No code wrote another value: one is refused."""
+        if "kernels" in config_dict:
+            config_dict = dict(config_dict)
+            if (value := config_dict.pop("kernels")) != "eager":
+                raise ValueError(f"config.json key 'kernels' is {value!r}: the SANA transformer's kernels are not "
+                                 "a model config key (only the 'eager' older folders hold is accepted); choose "
+                                 "them with the training config's 'kernels' or use_kernels(), and remove the key")
+        return super().extract_init_dict(config_dict, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -156,13 +185,26 @@ class TwinFlowSanaTransformer(SanaTransformer2DModel):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(modulation, embedded timestep) for ``(T, TT)``. The sums are formed in the promoted dtype of
         the time coefficient and rounded once to the embedder's output dtype, so ``T == TT`` returns the
-        primary embedder's outputs exactly."""
+        primary embedder's outputs exactly. With ``kernels="triton"`` the embedded timesteps and their
+        sum come from the fused kernel (its ``SANA`` rule: the same float32 combine for float32 times),
+        the modulation from them as below."""
         t = request.timestep
         tt = request.target_timestep.to(device=t.device, dtype=t.dtype)
         embed = super(DualTimeAwareAdaLayerNormSingle, self.time_embed).forward
         if not self.config.twin_embedder:
             return embed(t - tt / 2, batch_size=batch_size, hidden_dtype=hidden_dtype)
+        coefficient = ((t - tt) / TIME_SCALE).unsqueeze(1)
+        if self.kernels == "triton":
+            dtype = hidden_dtype or self.time_embed.emb.timestep_embedder.linear_1.weight.dtype
+            emb, (emb_1, emb_2) = self.fused_time_embed(t, tt, dtype, with_parts=True)
+            mod_1 = self.time_embed.linear(self.time_embed.silu(emb_1))  # AdaLayerNormSingle's modulation
+            mod_2 = self.time_embed_2.linear(self.time_embed_2.silu(emb_2))
+            return _combine(mod_1, mod_2, coefficient), emb
         mod_1, emb_1 = embed(t, batch_size=batch_size, hidden_dtype=hidden_dtype)
         mod_2, emb_2 = self.time_embed_2(tt, batch_size=batch_size, hidden_dtype=hidden_dtype)
-        coefficient = ((t - tt) / TIME_SCALE).unsqueeze(1)
-        return (mod_1 + mod_2 * coefficient).to(mod_1.dtype), (emb_1 + emb_2 * coefficient).to(emb_1.dtype)
+        return _combine(mod_1, mod_2, coefficient), _combine(emb_1, emb_2, coefficient)
+
+
+def _combine(first: torch.Tensor, second: torch.Tensor, coefficient: torch.Tensor) -> torch.Tensor:
+    """``first + second * coefficient`` in the promoted dtype, rounded once to ``first``'s dtype."""
+    return (first + second * coefficient).to(first.dtype)
