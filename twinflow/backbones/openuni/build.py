@@ -86,10 +86,7 @@ def build_openuni_backbone(config: OpenUniBackboneConfig, device: torch.device |
         sana, head = _load_trained(config)
     except TypeError as e:
         raise ConfigError(f"config key 'model.pretrained': {e}") from e
-    if hasattr(sana, "use_kernels"):
-        sana.use_kernels(config.kernels)  # before LoRA, whose injection rebinds the fused module
-    elif config.kernels != "eager":
-        raise ConfigError("config key 'kernels': SANA's fused dual-time embedding is not available; use eager")
+    sana.use_kernels(config.kernels)  # before LoRA, whose injection rebinds the fused module
     place_and_adapt(sana, config, device, add_lora)
     if not any(hasattr(p, "ds_id") for p in head.parameters()):
         head.to(device=device, dtype=config.torch_dtype)

@@ -27,9 +27,6 @@ TIME_EMBED_2_LINEARS = [
     f"{TIME_EMBED_2}.emb.timestep_embedder.linear_1",
     f"{TIME_EMBED_2}.emb.timestep_embedder.linear_2",
 ]
-FUSED_TIME_LINEARS = TIME_EMBED_TARGETS + TIME_EMBED_2_LINEARS
-"""The linears whose plain weights ``kernels: triton`` (the fused dual-time embedding) reads: LoRA must
-not wrap them then (``dual_time.check_fused_lora``)."""
 NAMES = {"time_embed_2": TIME_EMBED_2, "time_embed_2_linears": TIME_EMBED_2_LINEARS}
 
 

@@ -111,7 +111,7 @@ class OpenUniSpec(DiffusersFamilySpec):
 
     # ----------------------------------------------------------------------------------- checks
     def check_model_files(self, config: OpenUniBackboneConfig) -> None:
-        from .lora import FUSED_TIME_LINEARS
+        from .transformer import FUSED_TIME_LINEARS
 
         check_fused_lora(self, config, tuple(FUSED_TIME_LINEARS))
         config.transformer_settings()
