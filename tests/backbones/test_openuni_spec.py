@@ -67,3 +67,18 @@ def test_memory_plan_counts_the_resident_llm_and_the_trained_head():
     inventory = backbone_spec("openuni").memory_inventory(config.model)
     assert any(name.startswith("query_head.connector.") for name in inventory.sizes_by_module)
     assert "query_head" in inventory.sizes_by_module  # the 256 queries (a direct parameter of the head)
+
+
+def test_memory_plan_adds_the_llm_backward_only_when_the_queries_train():
+    from twinflow.training.memory_plan import plan_from_config
+
+    def keys(*overrides):
+        config = load_train_config(REPO / "configs" / "openuni_full.yaml", list(overrides))
+        return {t.key: t for t in plan_from_config(config, 8, 80.0).terms}
+
+    trained = keys()
+    # 28 layers x 16 rows x (512 + 256) tokens x D 1536 x 2 B: the checkpointed layer inputs.
+    assert trained["frozen_pass_inputs"].nbytes == 28 * 16 * 768 * 1536 * 2
+    assert "frozen_pass_recompute" in trained
+    assert not {"frozen_pass_inputs", "frozen_pass_recompute"} & set(keys("model.train_query_head=false"))
+    assert "frozen_pass_saved" in keys("model.gradient_checkpointing=false")

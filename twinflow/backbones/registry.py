@@ -48,6 +48,22 @@ class ActivationProfile:
 
 
 @dataclass(frozen=True)
+class FrozenPassActivations:
+    """What a frozen model that gradients pass through keeps for backward, per row of the main forward
+    (OpenUni's language model when the queries train): ``layers`` layers of width ``width`` over ``tokens``
+    tokens a row, each saving ``saved_widths_per_layer`` width-wide bf16 tensors per token (an estimate);
+    with gradient checkpointing only each layer's input and one recomputed layer. ``tokens_source`` says
+    where the token count comes from."""
+
+    label: str
+    layers: int
+    width: int
+    tokens: int
+    saved_widths_per_layer: float
+    tokens_source: str
+
+
+@dataclass(frozen=True)
 class MemoryInventory:
     """A backbone's parameters and activation geometry for the memory plan.
 
@@ -55,7 +71,8 @@ class MemoryInventory:
     the ``meta`` device); ``block_prefix`` names the repeated blocks; ``width`` is the hidden width D;
     ``patch_size`` the latent patch side; ``architecture_source`` says where the architecture came from;
     ``resident_frozen``: frozen models the backbone runs on every forward, held whole on every rank in
-    the compute precision (name -> parameter count; OpenUni's language model).
+    the compute precision (name -> parameter count; OpenUni's language model); ``frozen_pass``: the
+    activations such a model keeps when gradients flow through it (None: none do).
     """
 
     sizes_by_module: Mapping[str, Sequence[int]]
@@ -65,6 +82,7 @@ class MemoryInventory:
     architecture_source: str
     activations: ActivationProfile
     resident_frozen: Mapping[str, int] = field(default_factory=dict)
+    frozen_pass: Optional[FrozenPassActivations] = None
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from twinflow.backbones.registry import ActivationProfile, MemoryInventory, param_sizes_by_module
+from twinflow.backbones.registry import ActivationProfile, FrozenPassActivations, MemoryInventory, param_sizes_by_module
 from twinflow.utils.typed_config import ConfigError
 
 from .config import OpenUniBackboneConfig
@@ -82,6 +82,28 @@ def memory_inventory(config: OpenUniBackboneConfig) -> MemoryInventory:
         architecture_source=source + "; query head: " + ("the folder's" if _has_head(config) else "OpenUni-L's"),
         activations=ACTIVATIONS,
         resident_frozen={"language model (InternVL3-2B, frozen)": llm_params(config)},
+        frozen_pass=llm_pass(config) if config.train_query_head else None,
+    )
+
+
+LLM_SAVED_WIDTHS_PER_LAYER = 30.0
+"""Estimate: a Qwen2 decoder layer saves its two RMSNorm inputs and outputs, q/k/v, the attention output
+(about 6 D) and its gated MLP's four intermediate-wide tensors (4 x 8960 = 23.3 D at D = 1536), so ~30
+D-wide bf16 tensors per token."""
+
+
+def llm_pass(config: OpenUniBackboneConfig) -> FrozenPassActivations:
+    """The LLM's activations for the backward into the queries: prompt tokens at the encoder's limit (an
+    upper bound: prompts are usually far shorter) plus the queries."""
+    from .encoders import DEFAULT_SEQUENCE_LENGTH
+
+    llm = llm_settings(config)
+    layers, width = int(llm["num_hidden_layers"]), int(llm["hidden_size"])
+    queries = query_head_config(config).num_queries
+    return FrozenPassActivations(
+        label="language model (gradients into the queries)", layers=layers, width=width,
+        tokens=DEFAULT_SEQUENCE_LENGTH + queries, saved_widths_per_layer=LLM_SAVED_WIDTHS_PER_LAYER,
+        tokens_source=f"prompt at the encoder's limit {DEFAULT_SEQUENCE_LENGTH} + {queries} queries, an upper bound",
     )
 
 
@@ -93,12 +115,10 @@ def _has_head(config: OpenUniBackboneConfig) -> bool:
         return False
 
 
-def llm_params(config: OpenUniBackboneConfig | None = None) -> int:
-    """Parameters of the frozen language model: the run's folder's ``text_config`` when it is here, else
-    InternVL3-2B's, built on the ``meta`` device."""
+def llm_settings(config: OpenUniBackboneConfig | None = None) -> dict[str, Any]:
+    """The frozen language model's architecture: the run's folder's ``text_config`` when it is here, else
+    InternVL3-2B's."""
     import json
-
-    from transformers import Qwen2Config, Qwen2Model
 
     settings = dict(INTERNVL3_2B_LLM)
     if config is not None:
@@ -107,8 +127,15 @@ def llm_params(config: OpenUniBackboneConfig | None = None) -> int:
             settings = {k: text[k] for k in settings if k in text}
         except (ConfigError, OSError, KeyError, ValueError):
             pass
+    return settings
+
+
+def llm_params(config: OpenUniBackboneConfig | None = None) -> int:
+    """Parameters of the frozen language model (:func:`llm_settings`), built on the ``meta`` device."""
+    from transformers import Qwen2Config, Qwen2Model
+
     with torch.device("meta"):
-        model = Qwen2Model(Qwen2Config(**settings))
+        model = Qwen2Model(Qwen2Config(**llm_settings(config)))
     return sum(p.numel() for p in model.parameters())
 
 

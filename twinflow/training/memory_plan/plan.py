@@ -11,7 +11,7 @@ from twinflow.backbones.registry import MemoryInventory, backbone_spec
 from twinflow.utils.typed_config import ConfigError
 
 from .inventory import ParamInventory, backbone_inventory
-from .terms import GiB, ActivationShape, MemoryPlan, TeacherKind, ZeroSettings, plan_for_model
+from .terms import GiB, ActivationShape, MemoryPlan, TeacherKind, ZeroSettings, frozen_pass_terms, plan_for_model
 
 if TYPE_CHECKING:
     from twinflow.training.config import TrainConfig
@@ -90,6 +90,8 @@ def _config_plan(
         inv, zero, shape,
         teacher=teacher_kind(cfg.method.ema_decay_rate),
         encoder_params={**memory.resident_frozen, **(spec.encoder_params() if resident_encoders else {})},
+        extra_terms=frozen_pass_terms(memory.frozen_pass, micro, cfg.model.gradient_checkpointing)
+        if memory.frozen_pass is not None else (),
         gpu_mem_gib=gpu_mem_gib, cuda_context_gib=cuda_context_gib, fragmentation=fragmentation, title=title,
     )
     plan.assumptions.append(f"{geometry}; text padded to {text_tokens} tokens ({text_source})")

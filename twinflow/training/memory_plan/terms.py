@@ -277,6 +277,25 @@ def _activation_terms(a: ActivationShape) -> list[PlanTerm]:
     return terms
 
 
+def frozen_pass_terms(f: Any, rows: int, gradient_checkpointing: bool) -> list[PlanTerm]:
+    """The activations of a frozen model that gradients pass through (``FrozenPassActivations``), for
+    ``rows`` rows of the main forward: its layers' inputs and one recomputed layer with checkpointing,
+    else every layer's saved tensors."""
+    per_layer = int(rows * f.tokens * f.saved_widths_per_layer * f.width * 2)
+    where = f"{rows} rows x {f.tokens} tokens ({f.tokens_source})"
+    if not gradient_checkpointing:
+        return [PlanTerm("frozen_pass_saved", "activations", f"{f.label}: saved activations of every layer",
+                         f.layers * per_layer, f"{f.layers} layers x {where} x {f.saved_widths_per_layer} x D {f.width} x 2 B",
+                         basis="estimate")]
+    inputs = f.layers * rows * f.tokens * f.width * 2
+    return [
+        PlanTerm("frozen_pass_inputs", "activations", f"{f.label}: checkpointed layer inputs", inputs,
+                 f"{f.layers} layers x {where} x D {f.width} x 2 B", basis="estimate"),
+        PlanTerm("frozen_pass_recompute", "activations", f"{f.label}: one layer recomputed for backward", per_layer,
+                 f"{where} x {f.saved_widths_per_layer} x D {f.width} x 2 B", basis="estimate"),
+    ]
+
+
 def plan_for_model(
     num_params_by_module: Mapping[str, Sequence[int]] | ParamInventory,
     zero: ZeroSettings,
@@ -284,6 +303,7 @@ def plan_for_model(
     *,
     teacher: TeacherKind = "ema",
     encoder_params: Mapping[str, int] | None = None,
+    extra_terms: Sequence[PlanTerm] = (),
     encoder_bytes_per_param: int = 2,
     gpu_mem_gib: float = 80.0,
     cuda_context_gib: float = 2.0,
@@ -313,6 +333,7 @@ def plan_for_model(
     terms = _model_state_terms(inv, zero) + _gathered_terms(inv, zero) + _teacher_terms(inv, zero, teacher)
     if activations is not None:
         terms += _activation_terms(activations)
+    terms += list(extra_terms)
     for name, count in (encoder_params or {}).items():
         terms.append(PlanTerm(f"encoder_{name}", "encoders", f"{name} ({encoder_bytes_per_param}-byte, resident)",
                               encoder_bytes_per_param * count, f"{encoder_bytes_per_param} B x {count:,}"))
