@@ -109,3 +109,17 @@ def test_widths_that_do_not_fit_are_refused(parts):
     narrow = OpenUniQueryHead(dataclasses.replace(tiny_query_head_config(), caption_channels=16))
     with pytest.raises(ValueError, match="caption_channels"):
         OpenUniBackbone(OpenUniGenerator(twin_sana(), narrow), llm, dtype=torch.float32)
+
+
+def test_a_copy_shares_the_frozen_llm_and_copies_the_trained_parts(parts):
+    """Dense teachers deepcopy the backbone: the LLM (outside the module tree) is shared, not copied."""
+    import copy
+
+    backbone, prompts, _ = parts
+    twin = copy.deepcopy(backbone)
+    assert twin.llm is backbone.llm
+    assert twin.transformer is not backbone.transformer
+    x, t, tt = inputs()
+    cond = prompts.encode_prompts(PROMPTS)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x, t, tt, cond), backbone(x, t, tt, cond), rtol=0, atol=0)

@@ -22,6 +22,7 @@ partitioned the parameters.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
@@ -90,6 +91,11 @@ class OpenUniBackbone(nn.Module):
     @property
     def llm(self) -> nn.Module:
         return self._frozen[0]
+
+    def __deepcopy__(self, memo: dict) -> "OpenUniBackbone":
+        """A copy (a dense teacher's) shares the frozen LLM instead of copying 1.5B weights."""
+        memo[id(self._frozen)] = self._frozen
+        return copy._reconstruct(self, memo, *self.__reduce_ex__(4))
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """SANA's blocks and, when the queries train (gradients pass through it), the LLM's layers."""

@@ -58,7 +58,13 @@ def load_frozen_llm(config: OpenUniBackboneConfig, device: torch.device | str) -
                                                                     local_files_only=True)
         llm = internvl.model.language_model
         del internvl
-        return llm.to(device).eval().requires_grad_(False)
+    # The LLM is outside the engine, so engine.train()/eval() never reach it, and it trains in train mode when
+    # checkpointed (backbone.py): a dropout would then randomise the teacher's and the sampler's passes.
+    dropout = float(getattr(llm.config, "attention_dropout", 0.0) or 0.0)
+    if dropout:
+        raise ConfigError(f"config key 'model.llm': {folder} has attention_dropout {dropout}; the frozen language "
+                          "model must run without dropout (set it to 0 in its config.json)")
+    return llm.to(device).eval().requires_grad_(False)
 
 
 def _load_trained(config: OpenUniBackboneConfig) -> tuple[TwinFlowSanaTransformer, OpenUniQueryHead]:

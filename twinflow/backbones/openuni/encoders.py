@@ -164,6 +164,9 @@ class OpenUniConditioner(DCAELatents):
         """The frozen LLM's final hidden states at the queries (B, Q, D_llm), for already formatted texts."""
         if not texts:
             raise ValueError("OpenUniConditioner needs at least one prompt")
+        if hasattr(self.query_head.meta_queries, "ds_id"):
+            raise ValueError("OpenUniConditioner reads the queries outside the head's forward: give it a head that "
+                             "ZeRO-3 has not partitioned (the trained backbone runs its own, see backbone.py)")
         inputs = self.tokenizer(list(texts), padding=True, padding_side="right", return_tensors="pt").to(self.device)
         token_embeds = self.llm.get_input_embeddings()(inputs["input_ids"])
         return llm_query_states(self.llm, token_embeds, inputs["attention_mask"], self.query_head.meta_queries)

@@ -166,5 +166,5 @@ def llm_query_states(llm: nn.Module, prompt_embeds: torch.Tensor, prompt_mask: t
     mask = torch.cat([prompt_mask.bool(), prompt_mask.new_ones(batch, queries.shape[0], dtype=torch.bool)], 1)
     positions = (mask.long().cumsum(dim=1) - 1).clamp_min(0)
     hidden = llm(inputs_embeds=torch.cat([prompt_embeds, expanded], dim=1), attention_mask=mask,
-                 position_ids=positions).last_hidden_state
+                 position_ids=positions, use_cache=False).last_hidden_state
     return hidden[:, -queries.shape[0]:]

@@ -1,0 +1,130 @@
+"""Two CPU ranks over gloo: OpenUni under ZeRO-3 with every parameter partitioned (persistence threshold 0).
+
+Run by ``test_openuni_zero3.py`` as ``python openuni_zero3_worker.py <tiny folder>`` (it spawns its own ranks).
+The learnable queries are a partitioned parameter read inside the query head's forward and fed to the frozen,
+replicated, gradient-checkpointed LLM. Each step runs a no-grad pass, the pass with gradients, a release of every
+gathered parameter (as entering a teacher session does), another no-grad pass and the backward, inside the
+trainer's per-step trace (``StepTrace``); rank 1's prompts repeat, so the ranks send different numbers of
+distinct rows through the LLM. The gradients ZeRO-3 reduces for the queries, the connector and the projector
+must equal those of an ordinary replica fed both ranks' rows (float32; the bound 1e-5 relative is ~100 float32
+ulps, room for the different summation order of the reduce-scatter and the replica's two backwards). Exits
+non-zero on failure.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch
+import torch.multiprocessing as mp
+
+WORLD = 2
+ROWS = 4
+NAMES = ["query_head.meta_queries", "query_head.connector.layers.0.self_attn.q_proj.weight", "query_head.projector.weight",
+         "sana.time_embed_2.linear.weight"]
+
+
+def ds_config() -> dict:
+    return {"train_micro_batch_size_per_gpu": ROWS, "gradient_accumulation_steps": 1, "train_batch_size": ROWS * WORLD,
+            "gradient_clipping": 0.0, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                  "stage3_prefetch_bucket_size": 2000, "stage3_max_live_parameters": 10000}}
+
+
+def batch(step: int, rank: int):
+    from twinflow.backbones.openuni.condition import OpenUniPrompt
+
+    g = torch.Generator().manual_seed(100 * step + rank)
+    ids = torch.randint(5, 50, (ROWS, 7), generator=g)
+    mask = torch.ones(ROWS, 7, dtype=torch.bool)
+    mask[0, 5:] = False
+    if rank == 1:  # repeated prompts: fewer distinct rows through the LLM on this rank
+        ids[2:], mask[2:] = ids[1], mask[1]
+    x = torch.randn(ROWS, 4, 2, 2, generator=g)
+    t = torch.rand(ROWS, generator=g)
+    return x, t, t * torch.rand(ROWS, generator=g), OpenUniPrompt(ids, mask)
+
+
+def check(folder: str) -> None:
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
+    from twinflow.backbones.openuni.build import build_openuni_backbone
+    from twinflow.backbones.openuni.config import OpenUniBackboneConfig
+    from twinflow.training.zero_trace import StepTrace
+
+    rank = torch.distributed.get_rank()
+    config = OpenUniBackboneConfig(pretrained=folder, dtype="float32", gradient_checkpointing=True)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config()):
+        backbone = build_openuni_backbone(config, "cpu")
+    queries = backbone.transformer.query_head.meta_queries
+    assert queries.numel() == 0 and queries.ds_numel > 0, "the queries must be partitioned for this check"
+    engine, optimizer, _, _ = deepspeed.initialize(model=backbone, config=ds_config(),
+                                                   model_parameters=[p for p in backbone.parameters() if p.requires_grad])
+    trace = StepTrace(engine)
+    replica = build_openuni_backbone(config, "cpu")
+    worst = 0.0
+    for step in range(4):  # steps 3 and 4 replay a complete trace (prefetching)
+        params = dict(engine.module.transformer.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(params.values())), torch.no_grad():
+            for name, p in replica.transformer.named_parameters():
+                p.copy_(params[name])
+        x, t, tt, cond = batch(step, rank)
+        with trace.step():
+            with torch.no_grad():
+                engine(x, t, tt, cond)
+            out = engine(x, t, tt, cond)
+            optimizer.empty_partition_cache()
+            with torch.no_grad():
+                engine(x, t, tt, cond)
+            engine.backward(out.float().square().mean())
+        got = {name: safe_get_full_grad(params[name]) for name in NAMES}
+        engine.step()
+        replica.zero_grad()
+        for r in range(WORLD):
+            xr, tr, ttr, cr = batch(step, r)
+            (replica(xr, tr, ttr, cr).float().square().mean() / WORLD).backward()
+        expected = dict(replica.transformer.named_parameters())
+        for name in NAMES:
+            reference = expected[name].grad
+            assert reference.abs().max() > 0, f"{name}: no gradient reached it"
+            worst = max(worst, ((got[name] - reference).abs().max() / reference.abs().max()).item())
+    assert worst < 1e-5, f"ZeRO-3 gradients differ from the replica's: worst relative error {worst:.2e}"
+
+
+def run(rank: int, port: int, folder: str, failures) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+        from twinflow.training.distributed import release_cpu_shm_name
+
+        release_cpu_shm_name()
+        check(folder)
+    except BaseException as e:  # reported to the parent, which fails the test
+        import traceback
+
+        failures.put(f"rank {rank}: {e!r}\n{traceback.format_exc()}")
+        raise
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    ctx = mp.get_context("spawn")
+    failures = ctx.SimpleQueue()
+    mp.start_processes(run, args=(free_port(), sys.argv[1], failures), nprocs=WORLD, join=True, start_method="spawn")
+    if not failures.empty():
+        print(failures.get(), file=sys.stderr)
+        sys.exit(1)
+    print("ZERO3 OK")
