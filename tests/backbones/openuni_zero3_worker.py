@@ -13,13 +13,11 @@ non-zero on failure.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch
-import torch.multiprocessing as mp
 
 WORLD = 2
 ROWS = 4
@@ -95,36 +93,7 @@ def check(folder: str) -> None:
     assert worst < 1e-5, f"ZeRO-3 gradients differ from the replica's: worst relative error {worst:.2e}"
 
 
-def run(rank: int, port: int, folder: str, failures) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    try:
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
-        from twinflow.training.distributed import release_cpu_shm_name
-
-        release_cpu_shm_name()
-        check(folder)
-    except BaseException as e:  # reported to the parent, which fails the test
-        import traceback
-
-        failures.put(f"rank {rank}: {e!r}\n{traceback.format_exc()}")
-        raise
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 if __name__ == "__main__":
-    ctx = mp.get_context("spawn")
-    failures = ctx.SimpleQueue()
-    mp.start_processes(run, args=(free_port(), sys.argv[1], failures), nprocs=WORLD, join=True, start_method="spawn")
-    if not failures.empty():
-        print(failures.get(), file=sys.stderr)
-        sys.exit(1)
-    print("ZERO3 OK")
+    from zero3_ranks import run_ranks
+
+    run_ranks(check, sys.argv[1])

@@ -6,16 +6,12 @@ partitioned model with an ordinary model holding the same (gathered) weights. Ex
 from __future__ import annotations
 
 import os
-import socket
-import sys
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch
-import torch.multiprocessing as mp
 
-WORLD = 2
 DS_CONFIG = {
     "train_micro_batch_size_per_gpu": 2,
     "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
@@ -121,38 +117,12 @@ def check_lora_with_ema_adapter() -> None:
     assert teacher_out.isfinite().all()
 
 
-def run(rank: int, port: int, failures) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    torch.set_num_threads(1)  # two ranks on a small CPU machine: oversubscribed threads stall the collectives
-    try:
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
-        from twinflow.training.distributed import release_cpu_shm_name
-
-        release_cpu_shm_name()  # DeepSpeed leaves its /dev/shm workspace otherwise
-        check_full_finetune_with_triton_embedding()
-        check_lora_with_ema_adapter()
-    except BaseException as e:  # reported to the parent, which fails the test
-        import traceback
-
-        failures.put(f"rank {rank}: {e!r}\n{traceback.format_exc()}")
-        raise
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def checks() -> None:
+    check_full_finetune_with_triton_embedding()
+    check_lora_with_ema_adapter()
 
 
 if __name__ == "__main__":
-    ctx = mp.get_context("spawn")
-    failures = ctx.SimpleQueue()
-    mp.start_processes(run, args=(free_port(), failures), nprocs=WORLD, join=True, start_method="spawn")
-    if not failures.empty():
-        print(failures.get(), file=sys.stderr)
-        sys.exit(1)
-    print("ZERO3 OK")
+    from zero3_ranks import run_ranks
+
+    run_ranks(checks)
