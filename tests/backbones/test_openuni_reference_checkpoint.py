@@ -113,3 +113,21 @@ def test_convert_command_writes_a_folder_the_trainer_builds_from(tmp_path):
     assert_same(backbone.transformer.sana, sana)
     assert_same(backbone.transformer.query_head, head)
     assert main(args[:-1] + [str(tmp_path / "bad")] + ["--vae", str(tmp_path)]) == 2  # no config.json: named, refused
+
+
+def test_twinflow_sample_draws_from_a_converted_folder(tmp_path):
+    """A converted folder has no export record: its SANA class names the family, its internvl/ and vae/ are the
+    encoders, and ``twinflow sample`` draws at 1, 2, 4 and 30 NFE."""
+    from twinflow.backbones.openuni.convert import main as convert
+    from twinflow.backbones.openuni.tiny_encoders import save_tiny_model_folder
+    from twinflow.cli import main as cli
+
+    tiny = save_tiny_model_folder(tmp_path / "tiny")
+    torch.save(reference_state(seed=4)[0], tmp_path / "openuni.pth")
+    assert convert(["--checkpoint", str(tmp_path / "openuni.pth"), "--sana-config", str(tiny / "transformer"),
+                    "--internvl", str(tiny / "internvl"), "--vae", str(tiny / "vae"),
+                    "--query-head-config", str(tiny / "query_head"), "--out", str(tmp_path / "out")]) == 0
+    presets = ["one_step", "few_step", "any_step", "multi_step"]
+    assert cli(["sample", "--model", str(tmp_path / "out"), "--prompt", "a red cat", "--height", "16", "--device", "cpu",
+                "--output", str(tmp_path / "png"), *[a for p in presets for a in ("--preset", p)]]) == 0
+    assert len(list((tmp_path / "png").glob("*.png"))) == len(presets)

@@ -69,7 +69,9 @@ class OpenUniSpec(DiffusersFamilySpec):
     config_type = OpenUniBackboneConfig
     condition_type = OpenUniPrompt
     cache_schema = OpenUniCacheSchema()
-    transformer_class_names = ()  # an OpenUni folder is recognised by its export record only
+    transformer_class_names = ("TwinFlowSanaTransformer", "SanaTransformer2DModel")
+    """An OpenUni folder's ``transformer/`` (a converted or exported one; a folder without ``query_head/`` is then
+    refused by name when it is built)."""
     conditioner_name = "OpenUniPromptConditioner"
     fingerprint_fields = {"max_sequence_length": "max_sequence_length", "negative_prompt": "negative_prompt",
                           "vae_dtype": "vae_dtype"}
