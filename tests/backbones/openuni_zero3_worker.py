@@ -1,6 +1,7 @@
 """Two CPU ranks over gloo: OpenUni under ZeRO-3 with every parameter partitioned (persistence threshold 0).
 
-Run by ``test_openuni_zero3.py`` as ``python openuni_zero3_worker.py <tiny folder>`` (it spawns its own ranks).
+Run by ``test_openuni_zero3.py`` as ``python openuni_zero3_worker.py <tiny folder> <plain tiny folder>`` (it
+spawns its own ranks); the second check builds the LoRA recipes' single-embedder model from the plain folder.
 The learnable queries are a partitioned parameter read inside the query head's forward and fed to the frozen,
 replicated, gradient-checkpointed LLM. Each step runs a no-grad pass, the pass with gradients, a release of every
 gathered parameter (as entering a teacher session does), another no-grad pass and the backward, inside the
@@ -93,7 +94,37 @@ def check(folder: str) -> None:
     assert worst < 1e-5, f"ZeRO-3 gradients differ from the replica's: worst relative error {worst:.2e}"
 
 
+def check_lora_single_embedder(folder: str) -> None:
+    """The shipped LoRA recipes' model (``twin_embedder: false``, the head frozen) from a plain SANA folder (a
+    converted reference checkpoint has no ``time_embed_2``), built under ``zero.Init``: it trains its adapters
+    only, and the EMA adapter is there."""
+    import deepspeed
+
+    from twinflow.backbones.openuni.build import build_openuni_backbone
+    from twinflow.backbones.openuni.config import LoraSettings, OpenUniBackboneConfig
+
+    config = OpenUniBackboneConfig(pretrained=folder, dtype="float32", twin_embedder=False, train_query_head=False,
+                                   lora=LoraSettings(enabled=True, rank=2, alpha=2.0))
+    with deepspeed.zero.Init(config_dict_or_path=ds_config()):
+        backbone = build_openuni_backbone(config, "cpu")
+    assert not hasattr(backbone.transformer.sana, "time_embed_2")
+    trained = {n for n, p in backbone.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n and ".default." in n for n in trained), sorted(trained)[:4]
+    assert any(".ema." in n for n, _ in backbone.named_parameters())
+    engine, _, _, _ = deepspeed.initialize(model=backbone, config=ds_config(),
+                                           model_parameters=[p for p in backbone.parameters() if p.requires_grad])
+    x, t, tt, cond = batch(0, torch.distributed.get_rank())
+    engine.backward(engine(x, t, tt, cond).float().square().mean())
+    engine.step()
+    assert engine.was_step_applied()
+
+
+def checks(folder: str, plain_folder: str) -> None:
+    check(folder)
+    check_lora_single_embedder(plain_folder)
+
+
 if __name__ == "__main__":
     from zero3_ranks import run_ranks
 
-    run_ranks(check, sys.argv[1])
+    run_ranks(checks, sys.argv[1], sys.argv[2])

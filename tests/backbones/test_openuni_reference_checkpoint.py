@@ -85,7 +85,9 @@ def test_conversion_writes_safetensors_folders_in_the_checkpoint_dtype(tmp_path)
     out = convert_reference_checkpoint(path, tmp_path / "converted", tmp_path / "sana", tiny_query_head_config())
     stored = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert {v.dtype for v in stored.values()} == {torch.bfloat16}
-    transformer = TwinFlowSanaTransformer.from_pretrained(out / "transformer", torch_dtype=torch.bfloat16)
+    assert not any(k.startswith("time_embed_2.") for k in stored)  # plain SANA: the reference never had E2
+    transformer = TwinFlowSanaTransformer.from_pretrained(out / "transformer", torch_dtype=torch.bfloat16,
+                                                          twin_embedder=True)
     loaded_head = OpenUniQueryHead.from_pretrained(out / "query_head")
     assert loaded_head.projector.weight.dtype == torch.bfloat16
     assert_same(transformer, sana.to(torch.bfloat16))

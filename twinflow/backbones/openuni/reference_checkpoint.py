@@ -127,8 +127,10 @@ def convert_reference_checkpoint(
     transformer_config: dict[str, Any] | str | Path,
     head_config: QueryHeadConfig | None = None,
 ) -> Path:
-    """One-time conversion of the ``.pth`` to ``out_dir/transformer/`` (diffusers' layout, with a fresh
-    ``time_embed_2``) and ``out_dir/query_head/`` (safetensors), in the checkpoint's dtype.
+    """One-time conversion of the ``.pth`` to ``out_dir/transformer/`` (diffusers' layout, plain SANA: no
+    ``time_embed_2``, which the reference model never had) and ``out_dir/query_head/`` (safetensors), in the
+    checkpoint's dtype. A plain folder serves both modes: a dual-time model initialises ``time_embed_2`` when
+    it loads it (normal(0, 0.02)), a single-embedder one (the LoRA recipes) loads it as it is.
 
     ``transformer_config`` is SANA's config: a dict, or the folder holding its ``config.json`` (e.g.
     Sana_1600M_512px_diffusers' ``transformer/``). ``head_config`` defaults to OpenUni-L's. Only paths
@@ -140,7 +142,8 @@ def convert_reference_checkpoint(
         transformer_config = TwinFlowSanaTransformer.load_config(str(transformer_config), local_files_only=True)
     weights = split_reference_state_dict(load_reference_state_dict(path), str(path))
     dtype = next(iter(weights.transformer.values())).dtype if weights.transformer else torch.float32
-    transformer = TwinFlowSanaTransformer.from_config(transformer_config)
+    plain = {k: v for k, v in transformer_config.items() if k != "kernels"}
+    transformer = TwinFlowSanaTransformer.from_config({**plain, "twin_embedder": False})
     query_head = OpenUniQueryHead(head_config or QueryHeadConfig())
     for module in (transformer, query_head):
         nn.Module.to(module, dtype=dtype)  # nn.Module's: diffusers' override warns about keep-in-fp32 modules
