@@ -9,6 +9,10 @@ processor picks PyTorch's SDPA kernel) and no edit variant.
 top-level ``kernels`` into ``model.kernels``; ``auto`` is triton on CUDA). The kernel reads plain
 Linear weights, so LoRA on the timestep MLPs (the default targets) needs ``kernels: eager``.
 
+With ``twin_embedder`` and LoRA, ``lora.train_time_embed_2`` alone decides how ``time_text_embed_2``
+learns (the bare timestep-MLP target patterns are anchored to the first embedder). The trainer builds
+under ZeRO-3, where ``full`` cannot be done: the spec's ``check_model_files`` refuses it.
+
 Imports stay light (no diffusers): this module is imported whenever a config is loaded.
 """
 from __future__ import annotations
@@ -25,7 +29,13 @@ from ..qwen_image.config import (  # noqa: F401  (resolve_pretrained_dir: this f
     resolve_pretrained_dir,
     transformer_settings,
 )
-from .lora import LORA_TARGET_MODULES
+from .lora import LORA_TARGET_MODULES, TIME_EMBED_2
+
+ANCHORED_TARGETS = {f"timestep_embedder.linear_{i}": f"time_text_embed.timestep_embedder.linear_{i}" for i in (1, 2)}
+"""Bare LoRA patterns rewritten (twin embedder, LoRA on) so that they name the first embedder only."""
+TIME_EMBED_2_LINEARS = tuple(f"{TIME_EMBED_2}.{part}.linear_{i}" for part in ("timestep_embedder", "text_embedder")
+                             for i in (1, 2))
+"""``time_text_embed_2``'s linears (timestep MLP and pooled-text projection)."""
 
 FAMILY = "sd35"
 
@@ -82,6 +92,24 @@ class SD35BackboneConfig(ModelSource):
         elif self.lora.train_time_embed_2 != "frozen" and not self.twin_embedder:
             raise ConfigError(f"config key 'lora.train_time_embed_2': {self.lora.train_time_embed_2!r} needs "
                               "twin_embedder: true (there is no time_text_embed_2 in single-embedder mode)")
+        if self.twin_embedder and self.lora.enabled:
+            self._leave_time_embed_2_to_its_setting()
+
+    def _leave_time_embed_2_to_its_setting(self) -> None:
+        """With the twin embedder, ``time_text_embed_2`` learns as ``lora.train_time_embed_2`` says, not
+        through ``lora.target_modules``: the reference's bare ``timestep_embedder.linear_*`` patterns (the
+        default, written for one embedder) are anchored to ``time_text_embed`` (peft matches suffixes, so
+        they would adapt E2's timestep MLP too, even when ``frozen``). A remaining pattern that still
+        matches one of E2's linears is refused when E2 is ``frozen``."""
+        self.lora.target_modules = [ANCHORED_TARGETS.get(t, t) for t in self.lora.target_modules]
+        if self.lora.train_time_embed_2 != "frozen":
+            return  # 'lora' adds E2's timestep linears itself; 'full' trains E2 whole (peft adapts nothing inside)
+        hits = sorted({t for t in self.lora.target_modules for name in TIME_EMBED_2_LINEARS
+                       if name == t or name.endswith("." + t)})
+        if hits:
+            raise ConfigError(f"config keys 'lora.target_modules' and 'lora.train_time_embed_2: frozen' conflict: "
+                              f"{hits} also match linears of {TIME_EMBED_2}; name the first embedder's modules "
+                              f"(e.g. 'time_text_embed.timestep_embedder.linear_1') or set train_time_embed_2 'lora'")
 
     def transformer_settings(self) -> dict[str, Any]:
         """The inline ``transformer`` over the defaults, or the pretrained folder's ``config.json``."""
