@@ -74,3 +74,19 @@ def test_build_from_a_plain_qwen_image_pipeline_folder(tmp_path):
     expected = plain(hidden_states=pack_latents(x), encoder_hidden_states=cond.embeds, timestep=t,
                      img_shapes=[[(1, 2, 2)]] * 2, return_dict=False)[0]
     assert torch.equal(backbone(x, t, t, cond), unpack_latents(expected, 4, 4))
+
+
+def test_lora_full_copy_of_the_second_embedder_is_refused_before_the_run(tmp_path):
+    """The trainer builds under ``deepspeed.zero.Init``, where LoRA cannot copy ``time_text_embed_2`` per
+    adapter: ``train_time_embed_2: full`` (the default with a twin embedder) is refused when the inputs are
+    checked, naming the key, before any rank starts; ``lora`` and ``frozen`` pass that check."""
+    from pathlib import Path
+
+    from twinflow.training.config import load_train_config
+    from twinflow.utils.typed_config import ConfigError
+
+    tiny = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu_lora.yaml"
+    with pytest.raises(ConfigError, match=r"'model.lora.train_time_embed_2': 'full' copies time_text_embed_2"):
+        load_train_config(tiny, ["model.twin_embedder=true"], check_inputs=True)
+    for mode in ("lora", "frozen"):
+        load_train_config(tiny, ["model.twin_embedder=true", f"model.lora.train_time_embed_2={mode}"], check_inputs=True)

@@ -38,6 +38,8 @@ class DiffusersFamilySpec(BackboneSpec):
     """The transformer config key of the text embedding width."""
     block_prefix: str = "transformer_blocks."
     """Parameter name prefix of the repeated transformer blocks (the memory plan's unit)."""
+    time_embed_2: str = "time_text_embed_2"
+    """The second time embedder's module name (named in errors)."""
 
     def family_module(self, name: str) -> ModuleType:
         """The family package's module ``name``, imported now (heavy ones import diffusers)."""
@@ -76,7 +78,17 @@ class DiffusersFamilySpec(BackboneSpec):
         return False
 
     # ----------------------------------------------------------------------------------- checks
+    def check_lora_time_embed_2(self, config: Any) -> None:
+        """What the trainer's build cannot do, refused before any rank starts: it builds under
+        ``deepspeed.zero.Init``, where ``add_lora`` cannot copy the second time embedder per adapter
+        (``lora.train_time_embed_2: full``)."""
+        if config.lora.enabled and getattr(config.lora, "train_time_embed_2", None) == "full":
+            raise ConfigError(f"config key 'model.lora.train_time_embed_2': 'full' copies {self.time_embed_2} per "
+                              "adapter, which cannot be done on the ZeRO-3 partitioned parameters the trainer builds; "
+                              "set 'lora' (LoRA on its timestep MLP, with an EMA adapter like the rest) or 'frozen'")
+
     def check_model_files(self, config: Any) -> None:
+        self.check_lora_time_embed_2(config)
         try:
             config.transformer_settings()
         except ConfigError as e:

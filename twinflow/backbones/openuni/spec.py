@@ -77,6 +77,7 @@ class OpenUniSpec(DiffusersFamilySpec):
                           "vae_dtype": "vae_dtype"}
     patch_setting = "patch_size"
     block_prefix = SANA_PREFIX + "transformer_blocks."
+    time_embed_2 = "time_embed_2"
 
     # ------------------------------------------------------------------------------------- build
     def builder(self) -> Callable[[OpenUniBackboneConfig, Any], Any]:
@@ -115,6 +116,7 @@ class OpenUniSpec(DiffusersFamilySpec):
     def check_model_files(self, config: OpenUniBackboneConfig) -> None:
         from .transformer import FUSED_TIME_LINEARS
 
+        self.check_lora_time_embed_2(config)
         check_fused_lora(self, config, tuple(FUSED_TIME_LINEARS))
         config.transformer_settings()
         config.query_head_settings()

@@ -85,13 +85,6 @@ class SD35Spec(DiffusersFamilySpec):
 
     # ----------------------------------------------------------------------------------- checks
     def check_model_files(self, config: SD35BackboneConfig) -> None:
-        """Also what the trainer's build cannot do, before any rank starts: it builds under
-        ``deepspeed.zero.Init``, where ``add_lora`` cannot copy ``time_text_embed_2`` per adapter."""
-        if config.lora.enabled and config.lora.train_time_embed_2 == "full":
-            raise ConfigError("config key 'model.lora.train_time_embed_2': 'full' (the default with twin_embedder: "
-                              "true) copies time_text_embed_2 per adapter, which cannot be done on the ZeRO-3 "
-                              "partitioned parameters the trainer builds; set 'lora' (LoRA on its timestep MLP, "
-                              "with an EMA adapter like the rest) or 'frozen'")
         embedders = ("time_text_embed", "time_text_embed_2")[:1 + config.twin_embedder]
         linears = tuple(f"{name}.timestep_embedder.linear_{i}" for name in embedders for i in (1, 2))
         check_fused_lora(self, config, linears)

@@ -57,6 +57,7 @@ class ZImageSpec(DiffusersFamilySpec):
     conditioner_name = "ZImageConditioner"
     patch_setting = "all_patch_size"
     text_width_setting = "cap_feat_dim"
+    time_embed_2 = "t_embedder_2"
 
     # ------------------------------------------------------------------------------------- build
     def builder(self) -> Callable[[ZImageBackboneConfig, Any], Any]:
