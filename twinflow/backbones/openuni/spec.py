@@ -56,14 +56,6 @@ class OpenUniCacheSchema(CacheSchema):
         return False
 
 
-def _sana_config_keys() -> set[str]:
-    from .transformer import TwinFlowSanaTransformer
-
-    import inspect
-
-    return set(inspect.signature(TwinFlowSanaTransformer.__init__).parameters) - {"self"}
-
-
 @register_backbone(FAMILY)
 class OpenUniSpec(DiffusersFamilySpec):
     config_type = OpenUniBackboneConfig
