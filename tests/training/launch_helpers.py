@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from test_distributed import ENV, _losses, _tail, launch
 
@@ -20,6 +21,27 @@ def run_module(args: list[str], log: Path) -> None:
         rc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=ENV, stdout=f, stderr=subprocess.STDOUT,
                             timeout=900).returncode
     assert rc == 0, _tail(log)
+
+
+def tiny_parquet_data(root: Path, image_px: int, image_size: int) -> dict:
+    """Eight captioned ``image_px`` images as ``root/raw/train.parquet``; the ``data`` section of a cache of
+    them at ``image_size`` under ``root/cache``."""
+    sys.path.insert(0, str(REPO / "tests" / "data"))
+    from data_helpers import image_bytes, write_parquet
+
+    (root / "raw").mkdir()
+    rows = [{"caption": f"a photo of item {i}", "image": image_bytes(i, (image_px, image_px))} for i in range(8)]
+    write_parquet(root / "raw" / "train.parquet", rows)
+    return {"source": "parquet", "paths": [str(root / "raw")], "image_size": image_size, "use_cache": True,
+            "cache_dir": str(root / "cache"), "cache_dtype": "float32"}
+
+
+def precompute(root: Path, name: str, family: str, data: dict, encoder: dict) -> None:
+    """``python -m twinflow.data.precompute`` of ``data`` with ``family``'s ``encoder`` section on the CPU."""
+    job = {"model": {"family": family}, "data": data, "precompute": {"batch_size": 4, "shard_size": 4, "device": "cpu"},
+           "encoder": encoder}
+    (root / f"{name}.yaml").write_text(yaml.safe_dump(job))
+    run_module(["twinflow.data.precompute", "--config", str(root / f"{name}.yaml"), "--no-progress"], root / f"{name}.log")
 
 
 def train_resume_export_sample(config: Path, out: Path, overrides: list[str], export_args: list[str],

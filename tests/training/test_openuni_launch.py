@@ -10,14 +10,13 @@ Two launches per mode (a straight run and a resumed one), ~30-60 s each here.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from launch_helpers import PRESETS, REPO, check_resume, run_module, train_resume_export_sample
+from launch_helpers import PRESETS, REPO, check_resume, precompute, tiny_parquet_data, train_resume_export_sample
 
 TINY = REPO / "configs" / "tiny_cpu_openuni.yaml"
 LORA = ["model.lora.enabled=true", "model.lora.rank=4", "model.lora.alpha=4.0", "model.train_query_head=false",
@@ -27,28 +26,18 @@ pytestmark = pytest.mark.distributed
 
 
 def _precompute(root: Path, model: Path, data: dict, name: str) -> None:
-    job = {"model": {"family": "openuni"}, "data": data,
-           "precompute": {"batch_size": 4, "shard_size": 4, "device": "cpu"},
-           "encoder": {"model_path": str(model), "max_sequence_length": 48, "vae_dtype": "float32"}}
-    (root / f"{name}.yaml").write_text(yaml.safe_dump(job))
-    run_module(["twinflow.data.precompute", "--config", str(root / f"{name}.yaml"), "--no-progress"], root / f"{name}.log")
+    precompute(root, name, "openuni", data, {"model_path": str(model), "max_sequence_length": 48, "vae_dtype": "float32"})
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> tuple[Path, Path, dict]:
     """The tiny OpenUni folder and a tiny parquet dataset encoded through the real precompute; returns the
     root, the model folder and the data section."""
-    sys.path.insert(0, str(REPO / "tests" / "data"))
-    from data_helpers import image_bytes, write_parquet
     from twinflow.backbones.openuni.tiny_encoders import save_tiny_model_folder
 
     root = tmp_path_factory.mktemp("openuni")
     model = save_tiny_model_folder(root / "model")
-    (root / "raw").mkdir()
-    rows = [{"caption": f"a photo of item {i}", "image": image_bytes(i, (32, 32))} for i in range(8)]
-    write_parquet(root / "raw" / "train.parquet", rows)
-    data = {"source": "parquet", "paths": [str(root / "raw")], "image_size": 16, "use_cache": True,
-            "cache_dir": str(root / "cache"), "cache_dtype": "float32"}
+    data = tiny_parquet_data(root, image_px=32, image_size=16)
     _precompute(root, model, data, "precompute")
     return root, model, data
 

@@ -7,13 +7,12 @@ Four launches in all (a straight run and a resumed one per mode), ~30-60 s each 
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from launch_helpers import PRESETS, REPO, check_resume, run_module, train_resume_export_sample
+from launch_helpers import PRESETS, REPO, check_resume, precompute, tiny_parquet_data, train_resume_export_sample
 
 TINY = REPO / "configs" / "tiny_cpu_z_image.yaml"
 LORA = ["model.lora.enabled=true", "model.lora.rank=4", "model.lora.alpha=4.0", "method.ema_decay_rate=0.9"]
@@ -23,22 +22,13 @@ pytestmark = pytest.mark.distributed
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> tuple[Path, dict]:
     """A tiny parquet dataset encoded through the real precompute; returns the folder and the data section."""
-    sys.path.insert(0, str(REPO / "tests" / "data"))
-    from data_helpers import image_bytes, write_parquet
     from twinflow.backbones.z_image.tiny_encoders import save_tiny_model_folder
 
     root = tmp_path_factory.mktemp("z_image")
     encoders = save_tiny_model_folder(root / "encoders")
-    (root / "raw").mkdir()
-    rows = [{"caption": f"a photo of item {i}", "image": image_bytes(i, (64, 64))} for i in range(8)]
-    write_parquet(root / "raw" / "train.parquet", rows)
-    data = {"source": "parquet", "paths": [str(root / "raw")], "image_size": 64, "use_cache": True,
-            "cache_dir": str(root / "cache"), "cache_dtype": "float32"}
-    job = {"model": {"family": "z_image"}, "data": data, "precompute": {"batch_size": 4, "shard_size": 4, "device": "cpu"},
-           "encoder": {"model_path": str(encoders), "max_sequence_length": 32, "text_encoder_dtype": "float32",
-                       "vae_dtype": "float32"}}
-    (root / "precompute.yaml").write_text(yaml.safe_dump(job))
-    run_module(["twinflow.data.precompute", "--config", str(root / "precompute.yaml"), "--no-progress"], root / "precompute.log")
+    data = tiny_parquet_data(root, image_px=64, image_size=64)
+    precompute(root, "precompute", "z_image", data, {"model_path": str(encoders), "max_sequence_length": 32,
+                                                    "text_encoder_dtype": "float32", "vae_dtype": "float32"})
     return root, data
 
 

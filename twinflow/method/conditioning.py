@@ -40,3 +40,17 @@ def cat_conditions(conds: Sequence[Any]) -> Any:
     if hasattr(type(first), "cat"):
         return type(first).cat(list(conds))
     raise TypeError(f"cannot concatenate conditions of type {type(first).__name__}: implement cat(conds)")
+
+
+def cat_right_padded(values: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Join per-token ``values`` (B_i, L_i, ...) and their ``masks`` (B_i, L_i) along the batch, each
+    right-padded to the longest L with zeros and ``mask == False``: the ``cat`` of conditions whose rows
+    have different token counts (text embeddings, token ids)."""
+    if not values or len(values) != len(masks):
+        raise ValueError(f"cat_right_padded needs as many masks as values (at least one), got {len(values)} and {len(masks)}")
+    longest = max(v.shape[1] for v in values)
+
+    def pad(t: torch.Tensor, value: Any) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, longest - t.shape[1]), value=value)
+
+    return torch.cat([pad(v, 0) for v in values]), torch.cat([pad(m, False) for m in masks])

@@ -28,10 +28,9 @@ from .backbone import OpenUniBackbone, OpenUniGenerator
 from .config import OpenUniBackboneConfig
 from .lora import add_lora
 from .query_head import OpenUniQueryHead, QueryHeadConfig
-from .transformer import TIME_EMBED_2, TwinFlowSanaTransformer
+from .transformer import TWIN_PREFIX, TwinFlowSanaTransformer
 
 PRIMARY_PREFIX = "time_embed."
-TWIN_PREFIX = TIME_EMBED_2 + "."
 
 
 @contextlib.contextmanager

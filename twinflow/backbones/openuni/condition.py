@@ -18,6 +18,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from twinflow.method.conditioning import cat_right_padded
+
 
 @dataclass
 class OpenUniCondition:
@@ -59,11 +61,7 @@ class OpenUniCondition:
         lengths = {c.embeds.shape[1] for c in conds}
         if len(lengths) == 1 and all(c.mask is None for c in conds):
             return cls(torch.cat([c.embeds for c in conds], dim=0))
-        longest = max(lengths)
-        grow = [longest - c.embeds.shape[1] for c in conds]
-        embeds = [torch.nn.functional.pad(c.embeds, (0, 0, 0, n)) for c, n in zip(conds, grow)]
-        masks = [torch.nn.functional.pad(c.full_mask(), (0, n), value=False) for c, n in zip(conds, grow)]
-        return cls(torch.cat(embeds, dim=0), torch.cat(masks, dim=0))
+        return cls(*cat_right_padded([c.embeds for c in conds], [c.full_mask() for c in conds]))
 
     def to(self, *args, **kwargs) -> "OpenUniCondition":
         """Like ``Tensor.to``; a dtype applies to ``embeds`` only (the mask stays bool)."""
@@ -106,11 +104,7 @@ class OpenUniPrompt:
         """Join along the batch, right-padding to the longest with id 0 and ``mask == False``."""
         if not conds:
             raise ValueError("OpenUniPrompt.cat needs at least one condition")
-        longest = max(c.input_ids.shape[1] for c in conds)
-        grow = [longest - c.input_ids.shape[1] for c in conds]
-        ids = torch.cat([torch.nn.functional.pad(c.input_ids, (0, n)) for c, n in zip(conds, grow)])
-        mask = torch.cat([torch.nn.functional.pad(c.mask, (0, n), value=False) for c, n in zip(conds, grow)])
-        return cls(ids, mask)
+        return cls(*cat_right_padded([c.input_ids for c in conds], [c.mask for c in conds]))
 
     def unique_rows(self) -> tuple["OpenUniPrompt", Tensor]:
         """``(distinct rows, inverse)`` with ``self == distinct.index(inverse)`` (padding ignored): the

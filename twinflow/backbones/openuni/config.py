@@ -27,6 +27,8 @@ from .lora import SANA_LORA_TARGETS
 FAMILY = "openuni"
 FOLDERS = {"internvl": "internvl", "vae": "vae", "transformer": "transformer", "query_head": "query_head"}
 """Sub-folders of an OpenUni model folder (the same names as ``encoders.FOLDERS``; a test keeps them equal)."""
+SANA_PREFIX, HEAD_PREFIX = "sana.", "query_head."
+"""Parameter name prefixes of the trained network's parts (``backbone.OpenUniGenerator``: ``sana``, ``query_head``)."""
 COMPONENTS_FILE = "openuni_components.json"
 """Written by an export beside ``transformer/`` and ``query_head/``: the absolute path of the frozen
 ``internvl`` folder the run used (an export does not copy the 2B language model)."""
@@ -85,11 +87,6 @@ class OpenUniBackboneConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
-
-    @property
-    def transformer(self) -> None:
-        """OpenUni has no inline transformer config (the frozen LLM comes from a folder anyway)."""
-        return None
 
     # ----------------------------------------------------------------------------------- folders
     def folder(self, name: str) -> Path:

@@ -22,12 +22,10 @@ import torch
 from torch import nn
 
 from ..qwen_image.export import plain_transformer, save_transformer
-from .config import COMPONENTS_FILE, FOLDERS, OpenUniBackboneConfig
+from .config import COMPONENTS_FILE, FOLDERS, HEAD_PREFIX, SANA_PREFIX, OpenUniBackboneConfig
 from .lora import add_lora
 from .query_head import OpenUniQueryHead, QueryHeadConfig
 from .transformer import TwinFlowSanaTransformer
-
-SANA, HEAD = "sana.", "query_head."
 
 
 def _plain(generator_config: Mapping[str, Any], model_config: OpenUniBackboneConfig) -> tuple[nn.Module, nn.Module]:
@@ -42,7 +40,7 @@ def _plain(generator_config: Mapping[str, Any], model_config: OpenUniBackboneCon
 def export_keys(generator_config: Mapping[str, Any], model_config: OpenUniBackboneConfig) -> set[str]:
     """The state-dict keys an export writes."""
     sana, head = _plain(generator_config, model_config)
-    return {SANA + k for k in sana.state_dict()} | {HEAD + k for k in head.state_dict()}
+    return {SANA_PREFIX + k for k in sana.state_dict()} | {HEAD_PREFIX + k for k in head.state_dict()}
 
 
 def _part(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -54,14 +52,14 @@ def write_openuni(state: dict[str, torch.Tensor], generator_config: Mapping[str,
     """Write ``state`` (the generator's full state dict) into ``folder`` (see the module docstring)."""
     from diffusers import SanaPipeline
 
-    unknown = sorted(k for k in state if not k.startswith((SANA, HEAD)))
+    unknown = sorted(k for k in state if not k.startswith((SANA_PREFIX, HEAD_PREFIX)))
     if unknown:
         raise ValueError(f"OpenUni export: keys outside sana.* and query_head.*: {unknown[:5]}")
     sana, head = _plain(generator_config, model_config)
     target = folder if model_config.lora.enabled else folder / FOLDERS["transformer"]
-    save_transformer(sana, _part(state, SANA), model_config, target, pipeline=SanaPipeline, weights=weights,
+    save_transformer(sana, _part(state, SANA_PREFIX), model_config, target, pipeline=SanaPipeline, weights=weights,
                      merge_lora=merge_lora)
-    head.load_state_dict({k: v.to(model_config.torch_dtype) for k, v in _part(state, HEAD).items()},
+    head.load_state_dict({k: v.to(model_config.torch_dtype) for k, v in _part(state, HEAD_PREFIX).items()},
                          strict=True, assign=True)
     head.save_pretrained(folder / FOLDERS["query_head"])
     llm = model_config.llm_folder().resolve()

@@ -15,7 +15,7 @@ import torch
 from twinflow.backbones.registry import ActivationProfile, FrozenPassActivations, MemoryInventory, param_sizes_by_module
 from twinflow.utils.typed_config import ConfigError
 
-from .config import OpenUniBackboneConfig
+from .config import SANA_PREFIX, OpenUniBackboneConfig
 
 SANA_1600M_512PX: dict[str, Any] = {
     "in_channels": 32, "out_channels": 32, "num_attention_heads": 70, "attention_head_dim": 32, "num_layers": 20,
@@ -76,7 +76,7 @@ def memory_inventory(config: OpenUniBackboneConfig) -> MemoryInventory:
         generator = OpenUniGenerator(sana, OpenUniQueryHead(query_head_config(config)))
     return MemoryInventory(
         sizes_by_module=param_sizes_by_module(generator),
-        block_prefix="sana.transformer_blocks.",
+        block_prefix=SANA_PREFIX + "transformer_blocks.",
         width=int(arch["num_attention_heads"]) * int(arch["attention_head_dim"]),
         patch_size=int(arch.get("patch_size", 1)),
         architecture_source=source + "; query head: " + ("the folder's" if _has_head(config) else "OpenUni-L's"),

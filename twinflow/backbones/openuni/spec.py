@@ -25,9 +25,8 @@ from twinflow.utils.typed_config import ConfigError
 
 from .condition import OpenUniPrompt
 from .config import FAMILY, OpenUniBackboneConfig
+from .lora import TIME_EMBED_2
 
-SANA_PREFIX = "sana."
-HEAD_PREFIX = "query_head."
 
 
 class OpenUniCacheSchema(CacheSchema):
@@ -67,9 +66,7 @@ class OpenUniSpec(DiffusersFamilySpec):
     conditioner_name = "OpenUniPromptConditioner"
     fingerprint_fields = {"max_sequence_length": "max_sequence_length", "negative_prompt": "negative_prompt",
                           "vae_dtype": "vae_dtype"}
-    patch_setting = "patch_size"
-    block_prefix = SANA_PREFIX + "transformer_blocks."
-    time_embed_2 = "time_embed_2"
+    time_embed_2 = TIME_EMBED_2
 
     # ------------------------------------------------------------------------------------- build
     def builder(self) -> Callable[[OpenUniBackboneConfig, Any], Any]:

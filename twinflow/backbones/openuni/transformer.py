@@ -42,7 +42,8 @@ from twinflow.utils.partitioned import gathered
 from twinflow.backbones.dual_time import KERNEL_CHOICES  # noqa: F401 (the choices, as this module's name)
 from twinflow.backbones.dual_time import FusedTimeEmbedding, load_with_twin_embedder, parent_arguments
 
-TIME_EMBED_2 = "time_embed_2"
+from .lora import TIME_EMBED_2
+
 TWIN_PREFIX = TIME_EMBED_2 + "."
 FUSED_TIME_LINEARS: tuple[str, ...] = tuple(
     f"{name}.emb.timestep_embedder.linear_{i}" for name in ("time_embed", TIME_EMBED_2) for i in (1, 2))

@@ -14,6 +14,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from twinflow.method.conditioning import cat_right_padded
+
 
 @dataclass
 class QwenCondition:
@@ -60,14 +62,9 @@ class QwenCondition:
         has_ref = [c.ref_latents is not None for c in conds]
         if any(has_ref) and not all(has_ref):
             raise ValueError("QwenCondition.cat: cannot mix conditions with and without ref_latents")
-        length = max(c.embeds.shape[1] for c in conds)
-        embeds, masks = [], []
-        for c in conds:
-            pad = length - c.embeds.shape[1]
-            embeds.append(torch.nn.functional.pad(c.embeds, (0, 0, 0, pad)))
-            masks.append(torch.nn.functional.pad(c.mask, (0, pad), value=False))
+        embeds, mask = cat_right_padded([c.embeds for c in conds], [c.mask for c in conds])
         ref = torch.cat([c.ref_latents for c in conds], dim=0) if all(has_ref) else None
-        return cls(torch.cat(embeds, dim=0), torch.cat(masks, dim=0), ref)
+        return cls(embeds, mask, ref)
 
     def to(self, *args, **kwargs) -> "QwenCondition":
         """Like ``Tensor.to``; a dtype applies to the floating tensors only (the mask stays bool)."""

@@ -13,6 +13,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from twinflow.method.conditioning import cat_right_padded
+
 
 @dataclass
 class ZImageCondition:
@@ -41,11 +43,7 @@ class ZImageCondition:
         """Concatenate along the batch, right-padding to the longest length with ``mask == False``."""
         if not conds:
             raise ValueError("ZImageCondition.cat needs at least one condition")
-        length = max(c.embeds.shape[1] for c in conds)
-        grow = [length - c.embeds.shape[1] for c in conds]
-        embeds = torch.cat([torch.nn.functional.pad(c.embeds, (0, 0, 0, n)) for c, n in zip(conds, grow)])
-        mask = torch.cat([torch.nn.functional.pad(c.mask, (0, n), value=False) for c, n in zip(conds, grow)])
-        return cls(embeds, mask)
+        return cls(*cat_right_padded([c.embeds for c in conds], [c.mask for c in conds]))
 
     def captions(self) -> list[Tensor]:
         """The list of each row's valid tokens (L_i, D), as the transformer takes them (two host syncs)."""
